@@ -1,0 +1,180 @@
+"""Batching: the queue that merges concurrent requests, and the planner that cuts a batch into forward passes.
+
+As in text-embeddings-inference: requests go into one queue; whenever the model is free, the
+worker takes everything waiting (up to a cap) as one batch, so under load batches grow by
+themselves and an idle service answers at once. Inside a batch, items are sorted by token length
+and cut into micro-batches under a padded-token budget, so long texts cannot exhaust memory and
+short texts are never padded to long ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from .errors import InputError, Overloaded
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:
+    """Group indices into micro-batches of similar length whose padded size (n x longest) fits max_tokens.
+
+    Longest first, so that a batch that cannot fit fails at its first pass, not its last.
+    An item longer than the budget on its own still runs, alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        longest_if_added = max(longest, lengths[index])
+        too_many = max_items is not None and len(current) >= max_items
+        if current and (longest_if_added * (len(current) + 1) > max_tokens or too_many):
+            batches.append(current)
+            current, longest_if_added = [], lengths[index]
+        current.append(index)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def run_splitting_on_oom(run: Callable[[list[int]], list[Result]], indices: list[int]) -> list[Result]:
+    """run(indices); when the device runs out of memory, halve the micro-batch and try again.
+
+    One item that does not fit even alone becomes an Overloaded error for its request only.
+    """
+    try:
+        return run(indices)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(indices) == 1:
+            raise Overloaded("out of device memory even for a single input; send a shorter text") from None
+        log.warning("out of memory on a micro-batch of %d; splitting it", len(indices))
+        middle = len(indices) // 2
+        return run_splitting_on_oom(run, indices[:middle]) + run_splitting_on_oom(run, indices[middle:])
+
+
+@dataclass
+class BatchStats:
+    """Counters the metrics endpoint reads."""
+
+    batches: int = 0
+    items: int = 0
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)  # the last few, for /health and tests
+
+    def record(self, size: int, queued: float, computed: float) -> None:
+        self.batches += 1
+        self.items += size
+        self.queue_seconds += queued
+        self.compute_seconds += computed
+        self.batch_sizes = [*self.batch_sizes[-63:], size]
+
+
+@dataclass
+class _Job(Generic[Item]):
+    items: list[Item]
+    future: asyncio.Future
+    enqueued_at: float
+
+
+class Batcher(Generic[Item, Result]):
+    """One queue in front of one model. `await submit(items)` returns their results, in order.
+
+    `process(items) -> results` runs in a single worker thread (the model is not re-entrant), so the
+    event loop stays free to parse and queue the next requests while a batch computes.
+    """
+
+    def __init__(self, process: Callable[[list[Item]], list[Result]], *, max_batch_items: int, name: str) -> None:
+        self._process = process
+        self._max_batch_items = max_batch_items
+        self._queue: deque[_Job[Item]] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self.stats = BatchStats()
+
+    async def submit(self, items: list[Item]) -> list[Result]:
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._work())
+        job = _Job(items, loop.create_future(), time.perf_counter())
+        self._queue.append(job)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await job.future
+
+    def _take(self) -> list[_Job[Item]]:
+        jobs, count = [], 0
+        while self._queue and (not jobs or count + len(self._queue[0].items) <= self._max_batch_items):
+            job = self._queue.popleft()
+            if job.future.done():  # the caller went away (client disconnected): skip its work
+                continue
+            jobs.append(job)
+            count += len(job.items)
+        return jobs
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                jobs = self._take()
+                if jobs:
+                    await self._run(jobs)
+
+    async def _run(self, jobs: list[_Job[Item]]) -> None:
+        loop = asyncio.get_running_loop()
+        items = [item for job in jobs for item in job.items]
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._process, items)
+        except Exception as exc:
+            if len(jobs) > 1:
+                # Find the request that broke the batch; the others must still be answered.
+                for job in jobs:
+                    await self._run([job])
+                return
+            _settle(jobs[0].future, error=exc)
+            if not isinstance(exc, (InputError, Overloaded)):
+                log.exception("batch failed", exc_info=exc)
+            return
+        finished = time.perf_counter()
+        self.stats.record(len(items), sum(started - job.enqueued_at for job in jobs) / len(jobs), finished - started)
+        offset = 0
+        for job in jobs:
+            _settle(job.future, result=results[offset : offset + len(job.items)])
+            offset += len(job.items)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(future: asyncio.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

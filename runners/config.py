@@ -1,0 +1,74 @@
+"""Settings read from the environment, with the service table's defaults.
+
+Every knob is `<SEED NAME>_<KEY>` for one service (e.g. QWEN3_8B_EMBED_QUANTIZATION), falling
+back to `EMBED_<KEY>` for all services, then to the default given here or in the table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import ModelLoadError
+from .table import ServiceSpec
+
+QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
+
+
+def setting(spec: ServiceSpec, key: str, default: str | None = None) -> str | None:
+    for name in (f"{spec.env_prefix}_{key}", f"EMBED_{key}"):
+        value = os.environ.get(name)
+        if value is not None and value.strip() != "":
+            return value.strip()
+    return default
+
+
+def int_setting(spec: ServiceSpec, key: str, default: int, minimum: int = 1) -> int:
+    raw = setting(spec, key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ModelLoadError(f"{spec.env_prefix}_{key} (or EMBED_{key}) must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ModelLoadError(f"{spec.env_prefix}_{key} (or EMBED_{key}) must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What a runner needs to know, resolved once at start-up."""
+
+    model: str
+    model_env: str
+    quantization: str
+    device: str  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str  # "auto" | "bfloat16" | "float16" | "float32"
+    max_length: int | None  # None: the model's own limit
+    max_items_per_request: int
+    max_batch_tokens: int  # padded tokens in one forward pass
+    max_batch_items: int  # texts taken from the queue for one round
+    pooling: str | None  # override of the model's own pooling: cls | mean | last
+
+    @classmethod
+    def from_env(cls, spec: ServiceSpec) -> RunnerConfig:
+        quantization = (setting(spec, "QUANTIZATION", spec.default_quantization) or "none").lower()
+        if quantization not in QUANTIZATIONS:
+            raise ModelLoadError(f"{spec.quantization_env}={quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        pooling = setting(spec, "POOLING")
+        if pooling is not None and pooling not in ("cls", "mean", "last"):
+            raise ModelLoadError(f"{spec.env_prefix}_POOLING={pooling!r} is not one of cls, mean, last")
+        max_length = setting(spec, "MAX_LENGTH")
+        return cls(
+            model=os.environ.get(spec.model_env, "").strip() or spec.default_model,
+            model_env=spec.model_env,
+            quantization=quantization,
+            device=(setting(spec, "DEVICE", "auto") or "auto").lower(),
+            dtype=(setting(spec, "DTYPE", "auto") or "auto").lower(),
+            max_length=int_setting(spec, "MAX_LENGTH", 0) if max_length else None,
+            max_items_per_request=int_setting(spec, "MAX_ITEMS_PER_REQUEST", 256),
+            max_batch_tokens=int_setting(spec, "MAX_BATCH_TOKENS", 16384, minimum=64),
+            max_batch_items=int_setting(spec, "MAX_BATCH_ITEMS", 1024),
+            pooling=pooling,
+        )

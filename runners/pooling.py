@@ -1,0 +1,96 @@
+"""Pooling rules: how a sequence of hidden states becomes one vector.
+
+Each rule is a small named piece, as in sentence-transformers' Pooling module. Which one a model
+uses is read from its own sentence-transformers config (modules.json + the Pooling module's
+config.json); the service table gives the default for models that ship none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import ModelLoadError
+from .loading import read_json
+
+
+class Pooling(Protocol):
+    name: str
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden: [batch, seq, dim]; mask: [batch, seq] of 0/1, right-padded. Returns [batch, dim]."""
+        ...
+
+
+class ClsPooling:
+    name = "cls"
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden[:, 0]
+
+
+class MeanPooling:
+    name = "mean"
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * weights).sum(dim=1, dtype=torch.float32)
+        return summed / weights.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
+
+
+class LastTokenPooling:
+    """The hidden state of the last real token (right padding: position length - 1)."""
+
+    name = "last"
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+POOLINGS: dict[str, type[Pooling]] = {cls.name: cls for cls in (ClsPooling, MeanPooling, LastTokenPooling)}
+
+# sentence-transformers' Pooling config keys, in the order it would honour them.
+_ST_MODES = (
+    ("pooling_mode_lasttoken", "last"),
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_mean_tokens", "mean"),
+)
+
+
+@dataclass(frozen=True)
+class SentenceTransformersConfig:
+    """What a model directory's own sentence-transformers files say, if it has them."""
+
+    pooling: str | None = None
+    max_seq_length: int | None = None
+    prompts: dict[str, str] | None = None
+
+
+def read_sentence_transformers_config(model_root: Path) -> SentenceTransformersConfig:
+    modules = read_json(model_root / "modules.json")
+    if not modules:
+        return SentenceTransformersConfig()
+    pooling = None
+    for module in modules:
+        if module.get("type", "").endswith("Pooling"):
+            cfg = read_json(model_root / module.get("path", "") / "config.json") or {}
+            pooling = next((name for key, name in _ST_MODES if cfg.get(key)), None)
+            if pooling is None and any(v is True for k, v in cfg.items() if k.startswith("pooling_mode")):
+                raise ModelLoadError(
+                    f"{model_root}: unsupported pooling mode in {module.get('path')}/config.json: {cfg}"
+                )
+    bert_cfg = read_json(model_root / "sentence_bert_config.json") or {}
+    st_cfg = read_json(model_root / "config_sentence_transformers.json") or {}
+    return SentenceTransformersConfig(
+        pooling=pooling,
+        max_seq_length=bert_cfg.get("max_seq_length"),
+        prompts=st_cfg.get("prompts") or None,
+    )
+
+
+def make_pooling(name: str) -> Pooling:
+    return POOLINGS[name]()

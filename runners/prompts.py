@@ -1,0 +1,44 @@
+"""Prompt rules: how an optional instruction and a text become the string the model reads.
+
+Small named pieces; the service table says which rule a model family uses.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Prompt(Protocol):
+    name: str
+
+    def __call__(self, text: str, instruction: str | None) -> str: ...
+
+
+class InstructQueryPrompt:
+    """Qwen3-Embedding's model card: `Instruct: {instruction}\\nQuery:{text}` (no space after `Query:`)."""
+
+    name = "instruct_query"
+
+    def __call__(self, text: str, instruction: str | None) -> str:
+        if not instruction:
+            return text
+        return f"Instruct: {instruction}\nQuery:{text}"
+
+
+class PrefixPrompt:
+    """BGE: the instruction is put in front of the text verbatim.
+
+    BGE-large-zh-v1.5's query instruction is `为这个句子生成表示以用于检索相关文章：`.
+    """
+
+    name = "prefix"
+
+    def __call__(self, text: str, instruction: str | None) -> str:
+        return f"{instruction}{text}" if instruction else text
+
+
+PROMPTS: dict[str, type[Prompt]] = {cls.name: cls for cls in (InstructQueryPrompt, PrefixPrompt)}
+
+
+def make_prompt(name: str | None) -> Prompt:
+    return PROMPTS[name or "prefix"]()

@@ -1,0 +1,235 @@
+"""Fixtures: tiny random-weight checkpoints of the real architectures, with tokenizers that carry the
+real special tokens, and a helper that runs a real `bentoml serve` process.
+
+No hub is reachable from the test machines, so nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+_CORPUS = [
+    "yes no yes no the cat sat on the mat. an orange cat sleeps in the sun; a black dog runs on the grass",
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".',
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: Document:",
+    "system user assistant think retrieve relevant images photo picture",
+    "一只橙色的猫在阳光下晒太阳 黑色的狗在草地上奔跑 可爱的猫咪在睡觉",
+]
+
+
+def build_qwen_tokenizer(directory: Path, *, appends_end_of_text: bool) -> None:
+    """A byte-level BPE tokenizer saved as Qwen2Tokenizer with Qwen's special tokens.
+
+    appends_end_of_text=True behaves like Qwen3-Embedding's tokenizer (its post-processor appends
+    <|endoftext|>); False like the base Qwen3 tokenizer (Z-Image-Turbo's), which appends nothing.
+    'yes' and 'no' are single tokens, as in Qwen's real vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import Qwen2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=QWEN_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 50, trainer)
+    if appends_end_of_text:
+        end = tok.token_to_id("<|endoftext|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A $B <|endoftext|>", special_tokens=[("<|endoftext|>", end)]
+        )
+    wrapped = Qwen2TokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+    )
+    wrapped.save_pretrained(str(directory))
+
+
+def qwen3_config(vocab_size: int, **overrides):
+    from transformers import Qwen3Config
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    settings.update(overrides)
+    return Qwen3Config(**settings)
+
+
+def write_st_config(directory: Path, pooling: str, max_seq_length: int, dimension: int) -> None:
+    """The sentence-transformers files a model directory carries (modules.json + 1_Pooling)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "2_Normalize").mkdir(exist_ok=True)
+    modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
+    pooling_cfg = {"word_embedding_dimension": dimension, **{key: False for key in modes.values()}}
+    pooling_cfg[modes[pooling]] = True
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling_cfg))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+
+
+@pytest.fixture(scope="session")
+def qwen3_embedding_dir(tmp_path_factory) -> Path:
+    """Qwen3-Embedding layout: Qwen3Model, a tokenizer appending <|endoftext|>, ST config with last-token pooling."""
+    from transformers import AutoTokenizer, Qwen3Model
+
+    directory = tmp_path_factory.mktemp("qwen3-embedding")
+    build_qwen_tokenizer(directory, appends_end_of_text=True)
+    vocab = len(AutoTokenizer.from_pretrained(str(directory)))
+    torch.manual_seed(0)
+    Qwen3Model(qwen3_config(vocab)).save_pretrained(str(directory))
+    write_st_config(directory, "last", 8192, 64)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def zimage_root(tmp_path_factory) -> Path:
+    """Z-Image-Turbo layout: a diffusers root with text_encoder/ (Qwen3Model, tied embeddings) and tokenizer/."""
+    from transformers import AutoTokenizer, Qwen3Model
+
+    root = tmp_path_factory.mktemp("z-image-turbo")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    build_qwen_tokenizer(root / "tokenizer", appends_end_of_text=False)
+    vocab = len(AutoTokenizer.from_pretrained(str(root / "tokenizer")))
+    torch.manual_seed(1)
+    Qwen3Model(qwen3_config(vocab)).save_pretrained(str(root / "text_encoder"))
+    return root
+
+
+BGE_VOCAB_TEXT = "一只橙色的猫在阳光下晒太阳黑狗草地上奔跑可爱咪睡觉为这个句子生成表示以用于检索相关文章：，。"
+
+
+@pytest.fixture(scope="session")
+def bge_dir(tmp_path_factory) -> Path:
+    """BGE layout: a BertModel, a Chinese BertTokenizer, and ST config with CLS pooling."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory = tmp_path_factory.mktemp("bge")
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *dict.fromkeys(BGE_VOCAB_TEXT),
+        *"abcdefghijklmnopqrstuvwxyz0123456789",
+    ]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
+    torch.manual_seed(2)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(str(directory))
+    write_st_config(directory, "cls", 512, 48)
+    return directory
+
+
+# -- a real `bentoml serve` process -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Served:
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path) -> None:
+        self.url = url
+        self.process = process
+        self.log_path = log_path
+        self.client = httpx.Client(base_url=url, timeout=60)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.client.post(path, **kwargs)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self.client.get(path, **kwargs)
+
+
+def serve(class_name: str, env: dict[str, str], log_path: Path, timeout: float = 180) -> Iterator[Served]:
+    """Start `bentoml serve service:<class_name>` on a free port; yield once GET /health answers."""
+    port = free_port()
+    full_env = {**os.environ, "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true", **env}
+    bentoml = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        f"service:{class_name}",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            bentoml, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"bentoml serve did not answer /health in {timeout}s:\n{log_path.read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        served = Served(url, process, log_path)
+        yield served
+        served.client.close()
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
