@@ -67,6 +67,9 @@ class TextEmbedder:
             "truncation": "texts longer than max_length tokens are cut at the end",
             "max_items_per_request": self.config.max_items_per_request,
             "dimensions_supported": self.dimensions_range(),
+            "max_batch_tokens": self.config.max_batch_tokens,
+            "batches": self.batcher.stats.batches,
+            "texts_embedded": self.batcher.stats.items,
         }
 
     def dimensions_range(self) -> list[int]:

@@ -1,0 +1,136 @@
+"""The three text-embedding services as real `bentoml serve` processes, over HTTP."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import serve
+from test_embedding_recipes import bge_reference, qwen3_embedding_reference
+
+
+@pytest.fixture(scope="module")
+def qwen3_8b(qwen3_embedding_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "qwen3_8b_embed.log"
+    yield from serve(
+        "Qwen3Embed8B", {"QWEN3_8B_EMBED_MODEL": str(qwen3_embedding_dir), "QWEN3_8B_EMBED_QUANTIZATION": "none"}, log
+    )
+
+
+@pytest.fixture(scope="module")
+def bge(bge_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "bge_embed.log"
+    yield from serve("BgeEmbed", {"BGE_EMBED_MODEL": str(bge_dir), "EMBED_MAX_ITEMS_PER_REQUEST": "8"}, log)
+
+
+def test_health_describes_the_loaded_model(qwen3_8b, qwen3_embedding_dir):
+    health = qwen3_8b.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["model"] == str(qwen3_embedding_dir)
+    assert (health["dimension"], health["device"], health["dtype"], health["quantization"]) == (
+        64,
+        "cpu",
+        "float32",
+        "none",
+    )
+    assert health["pooling"] == "last" and health["max_length"] == 1024  # capped by the tiny model's positions
+    for probe in ("/livez", "/readyz", "/metrics"):  # BentoML's own endpoints still answer
+        assert qwen3_8b.get(probe).status_code == 200
+
+
+def test_embed_text_matches_the_model_card(qwen3_8b, qwen3_embedding_dir):
+    answer = qwen3_8b.post("/embed/text", json={"text": "一只橙色的猫在阳光下晒太阳"})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["dimension"] == 64 == len(body["embedding"])
+    expected = qwen3_embedding_reference(qwen3_embedding_dir, ["一只橙色的猫在阳光下晒太阳"])[0]
+    assert torch.allclose(torch.tensor(body["embedding"]), expected, atol=1e-5)
+
+    instructed = qwen3_8b.post("/embed/text", json={"text": "橙色猫", "instruction": "Retrieve relevant images"})
+    expected = qwen3_embedding_reference(qwen3_embedding_dir, ["橙色猫"], "Retrieve relevant images")[0]
+    assert torch.allclose(torch.tensor(instructed.json()["embedding"]), expected, atol=1e-5)
+
+
+def test_embed_texts_keeps_input_order_and_cuts_dimensions(qwen3_8b, qwen3_embedding_dir):
+    texts = ["a black dog runs on the grass " * 8, "cat", "an orange cat sleeps in the sun"]
+    body = qwen3_8b.post("/embed/texts", json={"texts": texts, "dimensions": 32}).json()
+    expected = F.normalize(qwen3_embedding_reference(qwen3_embedding_dir, texts)[:, :32], dim=1)
+    assert body["dimension"] == 32
+    assert torch.allclose(torch.tensor(body["embeddings"]), expected, atol=1e-5)
+
+
+def test_concurrent_single_text_requests_share_forward_passes(qwen3_8b):
+    texts = [f"text number {i} " + "cat " * (i % 7) for i in range(48)]
+    alone = {text: qwen3_8b.post("/embed/text", json={"text": text}).json()["embedding"] for text in texts[:4]}
+    before = qwen3_8b.get("/health").json()
+
+    def one(text: str) -> list[float]:
+        answer = qwen3_8b.post("/embed/text", json={"text": text})
+        assert answer.status_code == 200
+        return answer.json()["embedding"]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        together = list(pool.map(one, texts))
+    after = qwen3_8b.get("/health").json()
+    assert after["texts_embedded"] - before["texts_embedded"] == len(texts)
+    assert after["batches"] - before["batches"] < len(texts)  # merged into shared forward passes
+    for text, vector in zip(texts[:4], together[:4], strict=True):
+        assert F.cosine_similarity(torch.tensor(alone[text]), torch.tensor(vector), dim=0) >= 0.9999
+
+
+BAD_REQUESTS = [
+    ("/embed/text", {"text": ""}),
+    ("/embed/text", {"text": "   \n\t"}),
+    ("/embed/text", {}),
+    ("/embed/text", {"text": 5}),
+    ("/embed/text", {"text": ["a"]}),
+    ("/embed/text", {"text": "a", "dimensions": 10}),
+    ("/embed/text", {"text": "a", "dimensions": 10**40}),
+    ("/embed/text", {"text": "a", "dimensions": "many"}),
+    ("/embed/text", {"text": "a", "instruction": 3}),
+    ("/embed/texts", {"texts": []}),
+    ("/embed/texts", {"texts": "a single string"}),
+    ("/embed/texts", {"texts": ["ok", None]}),
+    ("/embed/texts", {"texts": ["ok", ""]}),
+    ("/embed/texts", {"texts": ["ok"] * 9}),  # over EMBED_MAX_ITEMS_PER_REQUEST=8
+]
+
+
+@pytest.mark.parametrize(("path", "body"), BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_json_error_and_the_service_keeps_serving(bge, path, body):
+    answer = bge.post(path, json=body)
+    assert 400 <= answer.status_code < 500, answer.text
+    assert isinstance(answer.json()["error"], str)
+    assert bge.post("/embed/text", json={"text": "一只猫"}).status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b"{bad json", b'{"text": "\xff\xfe"}', b""])
+def test_malformed_bodies_get_a_4xx_json_error(bge, raw):
+    answer = bge.post("/embed/text", content=raw, headers={"Content-Type": "application/json"})
+    assert 400 <= answer.status_code < 500
+    assert "error" in answer.json()
+
+
+def test_bge_service_matches_the_model_card(bge, bge_dir):
+    texts = ["一只橙色的猫在阳光下晒太阳", "黑狗在草地上奔跑"]
+    instruction = "为这个句子生成表示以用于检索相关文章："
+    body = bge.post("/embed/texts", json={"texts": texts, "instruction": instruction}).json()
+    assert torch.allclose(torch.tensor(body["embeddings"]), bge_reference(bge_dir, texts, instruction), atol=1e-5)
+    assert bge.get("/health").json()["pooling"] == "cls"
+
+
+def test_qwen3_4b_service_serves_the_z_image_text_encoder(zimage_root, tmp_path):
+    for served in serve("Qwen3Embed4B", {"QWEN3_4B_EMBED_MODEL": str(zimage_root)}, tmp_path / "4b.log"):
+        health = served.get("/health").json()
+        assert (health["pooling"], health["dimension"], health["quantization"]) == ("mean", 64, "none")
+        vector = served.post("/embed/text", json={"text": "橙色猫"}).json()["embedding"]
+        assert abs(sum(x * x for x in vector) - 1) < 1e-5
+
+
+def test_a_missing_model_stops_start_up_with_a_message_naming_the_variable(tmp_path):
+    with pytest.raises(RuntimeError) as failure:
+        for _ in serve("BgeEmbed", {"BGE_EMBED_MODEL": str(tmp_path / "nowhere")}, tmp_path / "bad.log", timeout=90):
+            pass
+    assert "BGE_EMBED_MODEL" in str(failure.value) and "no such directory" in str(failure.value)
