@@ -28,24 +28,29 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:
-    """Group indices into micro-batches of similar length whose padded size (n x longest) fits max_tokens.
+def plan_micro_batches(
+    lengths: Sequence[int], max_tokens: int, max_items: int | None = None, *, padded: bool = True
+) -> list[list[int]]:
+    """Group indices into micro-batches of similar length whose size fits max_tokens.
 
-    Longest first, so that a batch that cannot fit fails at its first pass, not its last.
-    An item longer than the budget on its own still runs, alone.
+    padded=True counts n x longest (a padded batch); padded=False counts the real tokens (a packed,
+    padding-free batch). Longest first, so that a batch that cannot fit fails at its first pass,
+    not its last. An item longer than the budget on its own still runs, alone.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = total = 0
     for index in order:
         longest_if_added = max(longest, lengths[index])
+        size_if_added = longest_if_added * (len(current) + 1) if padded else total + lengths[index]
         too_many = max_items is not None and len(current) >= max_items
-        if current and (longest_if_added * (len(current) + 1) > max_tokens or too_many):
+        if current and (size_if_added > max_tokens or too_many):
             batches.append(current)
-            current, longest_if_added = [], lengths[index]
+            current, longest_if_added, total = [], lengths[index], 0
         current.append(index)
         longest = longest_if_added
+        total += lengths[index]
     if current:
         batches.append(current)
     return batches

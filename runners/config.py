@@ -50,6 +50,7 @@ class RunnerConfig:
     max_batch_tokens: int  # padded tokens in one forward pass
     max_batch_items: int  # texts taken from the queue for one round
     pooling: str | None  # override of the model's own pooling: cls | mean | last
+    packed: bool = True  # padding-free forward for architectures that have one (EMBED_PACKED=0 turns it off)
 
     @classmethod
     def from_env(cls, spec: ServiceSpec) -> RunnerConfig:
@@ -71,4 +72,5 @@ class RunnerConfig:
             max_batch_tokens=int_setting(spec, "MAX_BATCH_TOKENS", 16384, minimum=64),
             max_batch_items=int_setting(spec, "MAX_BATCH_ITEMS", 1024),
             pooling=pooling,
+            packed=(setting(spec, "PACKED", "1") or "1").lower() not in ("0", "false", "no", "off"),
         )

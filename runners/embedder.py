@@ -15,7 +15,8 @@ from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
 from .loading import load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
-from .pooling import make_pooling, read_sentence_transformers_config
+from .packed import PackedQwen3, supports_packing
+from .pooling import SentenceTransformersConfig, make_pooling, read_sentence_transformers_config
 from .prompts import make_prompt
 from .table import ServiceSpec
 
@@ -27,26 +28,53 @@ END_OF_TEXT = "<|endoftext|>"
 
 class TextEmbedder:
     def __init__(self, spec: ServiceSpec, config: RunnerConfig | None = None) -> None:
+        """Load the model that `<NAME>_MODEL` names, as the environment configures it."""
         from transformers import AutoModel
 
-        self.spec = spec
-        self.config = config or RunnerConfig.from_env(spec)
-        files = locate(self.config)
-        self.model_name = str(files.root)
-        self.device = pick_device(self.config)
-        self.dtype = pick_dtype(self.config, self.device)
-        own = read_sentence_transformers_config(files.model_dir)
-        self.tokenizer = load_tokenizer(files, self.config)
-        self.model = load_pretrained(AutoModel, files, self.config, self.device, self.dtype)
+        config = config or RunnerConfig.from_env(spec)
+        files = locate(config)
+        device = pick_device(config)
+        dtype = pick_dtype(config, device)
+        tokenizer = load_tokenizer(files, config)
+        model = load_pretrained(AutoModel, files, config, device, dtype)
+        self._setup(spec, config, model, tokenizer, str(files.root), read_sentence_transformers_config(files.model_dir))
 
-        self.pooling = make_pooling(self.config.pooling or own.pooling or spec.default_pooling or "cls")
+    @classmethod
+    def from_model(
+        cls,
+        spec: ServiceSpec,
+        config: RunnerConfig,
+        model: Any,
+        tokenizer: Any,
+        own: SentenceTransformersConfig | None = None,
+    ) -> TextEmbedder:
+        """Wrap a model already in memory (benchmarks build random-weight models of the real shapes)."""
+        embedder = cls.__new__(cls)
+        embedder._setup(spec, config, model, tokenizer, "in-memory", own or SentenceTransformersConfig())
+        return embedder
+
+    def _setup(
+        self,
+        spec: ServiceSpec,
+        config: RunnerConfig,
+        model: Any,
+        tokenizer: Any,
+        model_name: str,
+        own: SentenceTransformersConfig,
+    ) -> None:
+        self.spec, self.config, self.model, self.tokenizer, self.model_name = spec, config, model, tokenizer, model_name
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.pooling = make_pooling(config.pooling or own.pooling or spec.default_pooling or "cls")
         self.prompt = make_prompt(spec.prompt)
-        self.dimension = int(self.model.config.hidden_size)
+        self.dimension = int(model.config.hidden_size)
         self.max_length = self._max_length(own.max_seq_length)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
+        # Qwen3 decoders run padding-free (packed sequences); other architectures run padded.
+        self.packed = PackedQwen3(model) if config.packed and supports_packing(model) else None
         self.batcher: Batcher[str, torch.Tensor] = Batcher(
-            self._embed_batch, max_batch_items=self.config.max_batch_items, name=spec.seed_name
+            self._embed_batch, max_batch_items=config.max_batch_items, name=spec.seed_name
         )
         if spec.dimension is not None and spec.dimension != self.dimension:
             log.warning(
@@ -68,6 +96,7 @@ class TextEmbedder:
             "max_items_per_request": self.config.max_items_per_request,
             "dimensions_supported": self.dimensions_range(),
             "max_batch_tokens": self.config.max_batch_tokens,
+            "padding_free": self.packed is not None,
             "batches": self.batcher.stats.batches,
             "texts_embedded": self.batcher.stats.items,
         }
@@ -103,11 +132,17 @@ class TextEmbedder:
     # -- the model side (runs in the batcher's worker thread) ------------------------------------------
 
     def _embed_batch(self, texts: list[str]) -> list[torch.Tensor]:
-        token_ids = self._tokenize(texts)
-        results: list[torch.Tensor | None] = [None] * len(texts)
-        plan = plan_micro_batches([len(ids) for ids in token_ids], self.config.max_batch_tokens)
+        return self.embed_token_ids(self._tokenize(texts))
+
+    def embed_token_ids(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Normalized vectors for tokenized texts, in order: length-sorted micro-batches under the token budget."""
+        results: list[torch.Tensor | None] = [None] * len(token_ids)
+        forward = self._forward_packed if self.packed is not None else self._forward_padded
+        plan = plan_micro_batches(
+            [len(ids) for ids in token_ids], self.config.max_batch_tokens, padded=self.packed is None
+        )
         for micro_batch in plan:
-            vectors = run_splitting_on_oom(lambda part: list(self._forward([token_ids[i] for i in part])), micro_batch)
+            vectors = run_splitting_on_oom(lambda part: list(forward([token_ids[i] for i in part])), micro_batch)
             for index, vector in zip(micro_batch, vectors, strict=True):
                 results[index] = vector
         return results  # type: ignore[return-value]
@@ -127,7 +162,14 @@ class TextEmbedder:
         return encoded
 
     @torch.inference_mode()
-    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+    def _forward_packed(self, batch: list[list[int]]) -> torch.Tensor:
+        assert self.packed is not None
+        hidden, cu_seqlens = self.packed.forward(batch)
+        pooled = self.pooling.packed(hidden, cu_seqlens).float()
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+
+    @torch.inference_mode()
+    def _forward_padded(self, batch: list[list[int]]) -> torch.Tensor:
         longest = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)

@@ -24,12 +24,19 @@ class Pooling(Protocol):
         """hidden: [batch, seq, dim]; mask: [batch, seq] of 0/1, right-padded. Returns [batch, dim]."""
         ...
 
+    def packed(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """hidden: [tokens, dim] of texts packed back to back, text i at cu_seqlens[i]:cu_seqlens[i+1]."""
+        ...
+
 
 class ClsPooling:
     name = "cls"
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0]
+
+    def packed(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return hidden[cu_seqlens[:-1].long()]
 
 
 class MeanPooling:
@@ -40,6 +47,12 @@ class MeanPooling:
         summed = (hidden * weights).sum(dim=1, dtype=torch.float32)
         return summed / weights.sum(dim=1, dtype=torch.float32).clamp(min=1.0)
 
+    def packed(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        lengths = cu_seqlens.diff().long()
+        text_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+        sums = torch.zeros((len(lengths), hidden.shape[-1]), dtype=torch.float32, device=hidden.device)
+        return sums.index_add_(0, text_of_token, hidden.float()) / lengths.unsqueeze(1)
+
 
 class LastTokenPooling:
     """The hidden state of the last real token (right padding: position length - 1)."""
@@ -49,6 +62,9 @@ class LastTokenPooling:
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last = mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def packed(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return hidden[cu_seqlens[1:].long() - 1]
 
 
 POOLINGS: dict[str, type[Pooling]] = {cls.name: cls for cls in (ClsPooling, MeanPooling, LastTokenPooling)}

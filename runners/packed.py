@@ -1,0 +1,133 @@
+"""Padding-free forward passes for Qwen3 decoders (Qwen3-Embedding, Qwen3-Reranker, Qwen3-4B).
+
+A micro-batch is one packed row of tokens, [total_tokens, hidden], with cumulative sequence
+offsets `cu_seqlens` marking where each text starts. Every matmul then works on real tokens only
+(no padding, whatever the length mix), and attention runs per sequence: torch's own flash
+attention over packed sequences (`torch.nn.attention.varlen.varlen_attn`) on a GPU, a causal
+scaled-dot-product loop on the CPU.
+
+The weights are the Hugging Face model's own modules, used as they are (bitsandbytes layers
+included); only the glue between them is rewritten. tests/test_packed.py proves the result equals
+Hugging Face's own forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def supports_packing(model: Any) -> bool:
+    """Qwen3 decoders without sliding-window layers: the architecture this forward reproduces."""
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "model_type", None) == "qwen3"
+        and not getattr(config, "use_sliding_window", False)
+        and hasattr(model, "layers")
+        and hasattr(model, "rotary_emb")
+    )
+
+
+def pack(token_ids: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [T], positions [T] (0..n-1 within each text) and cu_seqlens [n+1] (int32)."""
+    lengths = torch.tensor([len(ids) for ids in token_ids])
+    ids = torch.tensor([token for sequence in token_ids for token in sequence])
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    positions = torch.arange(len(ids)) - starts
+    return ids.to(device), positions.to(device), cu_seqlens.to(device)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PackedQwen3:
+    """forward(token_ids) -> last-layer hidden states [T, hidden] of a packed micro-batch."""
+
+    def __init__(self, model: Any) -> None:
+        if not supports_packing(model):
+            raise ValueError("PackedQwen3 needs a Qwen3 decoder (Qwen3Model) without sliding-window layers")
+        self.model = model
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self._varlen = _varlen_attention()
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (hidden [T, hidden], cu_seqlens [n+1])."""
+        model = self.model
+        device = model.embed_tokens.weight.device
+        ids, positions, cu_seqlens = pack(token_ids, device)
+        longest = max(len(sequence) for sequence in token_ids)
+        hidden = model.embed_tokens(ids)
+        cos, sin = model.rotary_emb(hidden, positions.unsqueeze(0))  # [1, T, head_dim]
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]: broadcast over heads
+        for layer in model.layers:
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            hidden = residual + self._attention(layer.self_attn, hidden, cos, sin, cu_seqlens, longest)
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        return model.norm(hidden), cu_seqlens
+
+    def _attention(
+        self,
+        attn: Any,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        longest: int,
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        q = attn.q_norm(attn.q_proj(hidden).view(tokens, self.heads, self.head_dim))
+        k = attn.k_norm(attn.k_proj(hidden).view(tokens, self.kv_heads, self.head_dim))
+        v = attn.v_proj(hidden).view(tokens, self.kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if self._varlen is not None and q.is_cuda:
+            out = self._varlen(q, k, v, cu_seqlens, longest, self.heads // self.kv_heads, self.scale)
+        else:
+            out = _causal_attention_per_sequence(q, k, v, cu_seqlens, self.scale)
+        return attn.o_proj(out.reshape(tokens, self.heads * self.head_dim))
+
+
+def _causal_attention_per_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The CPU path: one causal SDPA call per text. q [T, H, D], k/v [T, Hkv, D]."""
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def _varlen_attention():
+    """torch's flash attention over packed sequences, when this torch has it (2.10+), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    takes_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+    def attend(q, k, v, cu_seqlens, longest, groups, scale):
+        if groups > 1 and not takes_gqa:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        extra = {"enable_gqa": True} if groups > 1 and takes_gqa else {}
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale, window_size=(-1, 0), **extra)
+
+    return attend

@@ -1,0 +1,71 @@
+"""The padding-free Qwen3 forward equals Hugging Face's own padded forward."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from runners.batching import plan_micro_batches
+from runners.config import RunnerConfig
+from runners.embedder import TextEmbedder
+from runners.packed import PackedQwen3, pack, supports_packing
+from runners.pooling import make_pooling
+from runners.table import SERVICES
+
+
+def test_pack_marks_each_text_and_restarts_positions():
+    ids, positions, cu_seqlens = pack([[5, 6, 7], [8], [9, 10]], torch.device("cpu"))
+    assert ids.tolist() == [5, 6, 7, 8, 9, 10]
+    assert positions.tolist() == [0, 1, 2, 0, 0, 1]
+    assert cu_seqlens.tolist() == [0, 3, 4, 6]
+
+
+def test_packed_hidden_states_equal_huggingface_per_text(qwen3_embedding_dir):
+    model = AutoModel.from_pretrained(str(qwen3_embedding_dir)).eval()
+    assert supports_packing(model)
+    texts = [[3, 17, 99, 4, 250, 0], [42, 0], list(range(1, 60)) + [0]]
+    hidden, cu_seqlens = PackedQwen3(model).forward(texts)
+    for i, ids in enumerate(texts):
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        assert torch.allclose(hidden[cu_seqlens[i] : cu_seqlens[i + 1]], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+def test_packed_pooling_equals_padded_pooling(pooling):
+    torch.manual_seed(0)
+    lengths = [5, 1, 3]
+    padded = torch.randn(3, 5, 8)
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    packed = torch.cat([padded[row, :length] for row, length in enumerate(lengths)])
+    cu_seqlens = torch.tensor([0, 5, 6, 9], dtype=torch.int32)
+    rule = make_pooling(pooling)
+    assert torch.allclose(rule.packed(packed, cu_seqlens), rule(padded, mask).float(), atol=1e-6)
+
+
+def test_packed_budget_counts_real_tokens_only():
+    plan = plan_micro_batches([100, 1, 1, 1], max_tokens=103, padded=False)
+    assert plan == [[0, 1, 2, 3]]
+    assert len(plan_micro_batches([100, 1, 1, 1], max_tokens=103, padded=True)) == 2
+
+
+def test_padded_and_packed_embedders_agree(monkeypatch, qwen3_embedding_dir):
+    spec = SERVICES["qwen3_8b_embed"]
+    monkeypatch.setenv(spec.model_env, str(qwen3_embedding_dir))
+    monkeypatch.setenv("EMBED_DEVICE", "cpu")
+    monkeypatch.setenv("EMBED_QUANTIZATION", "none")
+    packed = TextEmbedder(spec, RunnerConfig.from_env(spec))
+    monkeypatch.setenv("EMBED_PACKED", "0")
+    padded = TextEmbedder(spec, RunnerConfig.from_env(spec))
+    assert packed.packed is not None and padded.packed is None
+    texts = ["short", "an orange cat sleeps in the sun " * 6, "yes"]
+    a = torch.tensor(asyncio.run(packed.embed(texts)))
+    b = torch.tensor(asyncio.run(padded.embed(texts)))
+    assert torch.allclose(a, b, atol=1e-5)
+    packed.close()
+    padded.close()
