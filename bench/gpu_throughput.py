@@ -139,13 +139,13 @@ def embedder_for(seed_name: str, model, tokenizer, **env) -> TextEmbedder:
     import os
 
     spec = SERVICES[seed_name]
-    for key in ("EMBED_PACKED", "EMBED_MAX_BATCH_TOKENS"):
+    for key in ("EMBED_PACKED", "EMBED_MAX_BATCH_TOKENS", "EMBED_COMPILE"):
         os.environ.pop(key, None)
     os.environ.update({"EMBED_QUANTIZATION": "none", **env})
     return TextEmbedder.from_model(spec, RunnerConfig.from_env(spec), model, tokenizer)
 
 
-def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick):
+def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick, full_baseline):
     model = random_model(kind, shape)
     params = non_embedding_params(model)
     scale = 16 if DEVICE == "cpu" else (4 if quick else 1)
@@ -160,9 +160,12 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
         variants = {
             "naive HF arrival-order b64": None,
             **variants,
-            "ours packed 16k": {"EMBED_MAX_BATCH_TOKENS": "16384"},
-            "ours packed 64k": {"EMBED_MAX_BATCH_TOKENS": "65536"},
+            "ours packed 16k": {"EMBED_MAX_BATCH_TOKENS": "16384", "EMBED_COMPILE": "0"},
+            "ours packed+compiled 16k": {"EMBED_MAX_BATCH_TOKENS": "16384", "EMBED_COMPILE": "1"},
+            "ours packed+compiled 32k": {"EMBED_MAX_BATCH_TOKENS": "32768", "EMBED_COMPILE": "1"},
         }
+        # Reranking is this forward on query+document pairs of 150-350 tokens, read at the last position.
+        sets["rerank pairs 150-350"] = token_texts(1024 // scale, 150, 350, shape["vocab_size"], 3)
 
     def runner_for(env):
         if env is None:
@@ -172,6 +175,8 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
     for set_name, texts in sets.items():
         tokens = sum(map(len, texts))
         for variant, env in variants.items():
+            if env is None and set_name != "short 8-64" and not full_baseline:
+                continue  # the naive baseline on the other sets: BENCHMARKS.md's first run
             try:
                 run = runner_for(env)
                 run(texts[:64])  # warm-up
@@ -199,11 +204,11 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
             )
     if kind == "qwen3":  # the fast path computes what the padded one does
         probe = sets["short 8-64"][:32]
-        a = torch.stack(embedder_for(seed_name, model, tokenizer).embed_token_ids(probe))
+        a = torch.stack(embedder_for(seed_name, model, tokenizer, EMBED_COMPILE="1").embed_token_ids(probe))
         b = torch.stack(embedder_for(seed_name, model, tokenizer, EMBED_PACKED="0").embed_token_ids(probe))
         cos = torch.nn.functional.cosine_similarity(a, b).min().item()
-        print(f"{name}: packed vs padded min cosine {cos:.5f}", flush=True)
-        results.append({"model": name, "check": "packed vs padded min cosine", "value": cos})
+        print(f"{name}: packed+compiled vs padded min cosine {cos:.5f}", flush=True)
+        results.append({"model": name, "check": "packed+compiled vs padded min cosine", "value": cos})
 
 
 def main() -> None:
@@ -214,6 +219,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer texts")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the script itself, on any device")
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--full-baseline", action="store_true", help="naive HF on every text set, not just short")
     parser.add_argument("--out", default="gpu_results.json")
     args = parser.parse_args()
     import tempfile
@@ -239,7 +245,7 @@ def main() -> None:
         if args.smoke:
             shape = {**TINY, **({"vocab_size": 700} if kind == "qwen3" else {"max_position_embeddings": 512})}
             shape = {k: v for k, v in shape.items() if kind == "qwen3" or k not in ("num_key_value_heads", "head_dim")}
-        run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, args.quick)
+        run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, args.quick, args.full_baseline)
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

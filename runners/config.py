@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import ModelLoadError
 from .table import ServiceSpec
 
-QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
+QUANTIZATIONS = ("none", "int8", "nf4")
 
 
 def setting(spec: ServiceSpec, key: str, default: str | None = None) -> str | None:
@@ -51,6 +51,7 @@ class RunnerConfig:
     max_batch_items: int  # texts taken from the queue for one round
     pooling: str | None  # override of the model's own pooling: cls | mean | last
     packed: bool = True  # padding-free forward for architectures that have one (EMBED_PACKED=0 turns it off)
+    compile: str = "auto"  # torch.compile the packed layers: auto (on GPUs) | 1 | 0
 
     @classmethod
     def from_env(cls, spec: ServiceSpec) -> RunnerConfig:
@@ -73,4 +74,5 @@ class RunnerConfig:
             max_batch_items=int_setting(spec, "MAX_BATCH_ITEMS", 1024),
             pooling=pooling,
             packed=(setting(spec, "PACKED", "1") or "1").lower() not in ("0", "false", "no", "off"),
+            compile=(setting(spec, "COMPILE", "auto") or "auto").lower(),
         )

@@ -72,7 +72,10 @@ class TextEmbedder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
         # Qwen3 decoders run padding-free (packed sequences); other architectures run padded.
-        self.packed = PackedQwen3(model) if config.packed and supports_packing(model) else None
+        compile = config.compile in ("1", "true", "yes", "on") or (
+            config.compile == "auto" and self.device.type == "cuda"
+        )
+        self.packed = PackedQwen3(model, compile=compile) if config.packed and supports_packing(model) else None
         self.batcher: Batcher[str, torch.Tensor] = Batcher(
             self._embed_batch, max_batch_items=config.max_batch_items, name=spec.seed_name
         )
@@ -97,6 +100,7 @@ class TextEmbedder:
             "dimensions_supported": self.dimensions_range(),
             "max_batch_tokens": self.config.max_batch_tokens,
             "padding_free": self.packed is not None,
+            "compiled": self.packed is not None and self.packed.compiled,
             "batches": self.batcher.stats.batches,
             "texts_embedded": self.batcher.stats.items,
         }

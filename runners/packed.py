@@ -48,9 +48,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class PackedQwen3:
-    """forward(token_ids) -> last-layer hidden states [T, hidden] of a packed micro-batch."""
+    """forward(token_ids) -> last-layer hidden states [T, hidden] of a packed micro-batch.
 
-    def __init__(self, model: Any) -> None:
+    With plain bf16/fp32 linear layers, each decoder layer runs as two functions of its weights
+    (everything before attention, everything after it), which `torch.compile` can fuse: the norms,
+    rotary embedding, SwiGLU and residual adds then cost one memory pass each instead of several.
+    Quantized layers (bitsandbytes) run through their own modules instead.
+    """
+
+    def __init__(self, model: Any, *, compile: bool = False) -> None:
         if not supports_packing(model):
             raise ValueError("PackedQwen3 needs a Qwen3 decoder (Qwen3Model) without sliding-window layers")
         self.model = model
@@ -59,7 +65,14 @@ class PackedQwen3:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
+        self.eps = float(config.rms_norm_eps)
         self._varlen = _varlen_attention()
+        self.functional = config.hidden_act == "silu" and all(_plain_linear(layer) for layer in model.layers)
+        self._inputs, self._outputs = _attention_inputs, _attention_output_and_mlp
+        self.compiled = compile and self.functional
+        if self.compiled:
+            self._inputs = torch.compile(_attention_inputs, dynamic=True)
+            self._outputs = torch.compile(_attention_output_and_mlp, dynamic=True)
 
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,34 +84,73 @@ class PackedQwen3:
         hidden = model.embed_tokens(ids)
         cos, sin = model.rotary_emb(hidden, positions.unsqueeze(0))  # [1, T, head_dim]
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]: broadcast over heads
+        tokens = hidden.shape[0]
         for layer in model.layers:
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(layer.self_attn, hidden, cos, sin, cu_seqlens, longest)
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            attn, mlp = layer.self_attn, layer.mlp
+            if self.functional:
+                q, k, v = self._inputs(
+                    hidden, layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
+                    attn.v_proj.weight, attn.q_norm.weight, attn.k_norm.weight, cos, sin, self.eps,
+                    self.heads, self.kv_heads, self.head_dim,
+                )  # fmt: skip
+                out = self._attend(q, k, v, cu_seqlens, longest).reshape(tokens, -1)
+                hidden = self._outputs(
+                    out, hidden, attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight,
+                    mlp.up_proj.weight, mlp.down_proj.weight, self.eps,
+                )  # fmt: skip
+            else:
+                x = layer.input_layernorm(hidden)
+                q = attn.q_norm(attn.q_proj(x).view(tokens, self.heads, self.head_dim))
+                k = attn.k_norm(attn.k_proj(x).view(tokens, self.kv_heads, self.head_dim))
+                v = attn.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+                q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+                hidden = hidden + attn.o_proj(self._attend(q, k, v, cu_seqlens, longest).reshape(tokens, -1))
+                hidden = hidden + mlp(layer.post_attention_layernorm(hidden))
         return model.norm(hidden), cu_seqlens
 
-    def _attention(
-        self,
-        attn: Any,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        longest: int,
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int
     ) -> torch.Tensor:
-        tokens = hidden.shape[0]
-        q = attn.q_norm(attn.q_proj(hidden).view(tokens, self.heads, self.head_dim))
-        k = attn.k_norm(attn.k_proj(hidden).view(tokens, self.kv_heads, self.head_dim))
-        v = attn.v_proj(hidden).view(tokens, self.kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
         if self._varlen is not None and q.is_cuda:
-            out = self._varlen(q, k, v, cu_seqlens, longest, self.heads // self.kv_heads, self.scale)
-        else:
-            out = _causal_attention_per_sequence(q, k, v, cu_seqlens, self.scale)
-        return attn.o_proj(out.reshape(tokens, self.heads * self.head_dim))
+            return self._varlen(q, k, v, cu_seqlens, longest, self.heads // self.kv_heads, self.scale)
+        return _causal_attention_per_sequence(q, k, v, cu_seqlens, self.scale)
+
+
+def _plain_linear(layer: Any) -> bool:
+    linears = [
+        layer.self_attn.q_proj,
+        layer.self_attn.k_proj,
+        layer.self_attn.v_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_proj,
+        layer.mlp.up_proj,
+        layer.mlp.down_proj,
+    ]
+    return all(type(linear) is torch.nn.Linear and linear.bias is None for linear in linears)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3RMSNorm: normalize in fp32, scale in the input dtype."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _attention_inputs(hidden, norm_w, q_w, k_w, v_w, q_norm_w, k_norm_w, cos, sin, eps: float, heads: int,
+                      kv_heads: int, head_dim: int):  # fmt: skip
+    """input norm, q/k/v projections, per-head q/k norms, rotary embedding."""
+    tokens = hidden.shape[0]
+    x = _rms_norm(hidden, norm_w, eps)
+    q = _rms_norm(F.linear(x, q_w).view(tokens, heads, head_dim), q_norm_w, eps)
+    k = _rms_norm(F.linear(x, k_w).view(tokens, kv_heads, head_dim), k_norm_w, eps)
+    v = F.linear(x, v_w).view(tokens, kv_heads, head_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def _attention_output_and_mlp(attn_out, residual, o_w, norm_w, gate_w, up_w, down_w, eps: float):
+    """o projection and residual, post-attention norm, SwiGLU MLP and residual."""
+    hidden = residual + F.linear(attn_out, o_w)
+    x = _rms_norm(hidden, norm_w, eps)
+    return hidden + F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
 
 
 def _causal_attention_per_sequence(

@@ -101,6 +101,7 @@ def test_int8_default_of_the_8b_service_loads_and_answers_on_cpu(monkeypatch, qw
     assert config.quantization == "int8"
     int8 = TextEmbedder(SERVICES["qwen3_8b_embed"], config)
     assert type(int8.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    assert int8.packed is not None and not int8.packed.functional  # quantized layers run as their own modules
     full = TextEmbedder(
         SERVICES["qwen3_8b_embed"], config_for("qwen3_8b_embed", monkeypatch, QWEN3_8B_EMBED_QUANTIZATION="none")
     )
