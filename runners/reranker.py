@@ -69,6 +69,14 @@ class Reranker:
         self.model = load_pretrained(AutoModel, files, self.config, self.device, self.dtype)
         self.head_source, rows = self._yes_no_rows(files)
         self.yes_no_rows = rows.to(self.device, torch.float32)  # [2, hidden]: row 0 "yes", row 1 "no"
+        log.info(
+            "%s: base model loaded without its LM head (a load report listing lm_head.weight as UNEXPECTED is "
+            "intended); the 'yes'/'no' rows (ids %d, %d) come from the %s",
+            spec.seed_name,
+            self.yes_id,
+            self.no_id,
+            self.head_source,
+        )
 
         self.prefix_ids = self._encode(PROMPT_PREFIX)
         self.suffix_ids = self._encode(PROMPT_SUFFIX)
