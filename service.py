@@ -14,7 +14,7 @@ import functools
 import typing as t
 
 import bentoml
-from pydantic import BaseModel, model_serializer
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -37,14 +37,8 @@ class EmbeddingsResponse(BaseModel):
 class RerankResult(BaseModel):
     original_index: int
     score: float
-    document: t.Optional[str] = None  # absent from the JSON when the request says return_documents=false
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_document(self, handler: t.Any) -> dict[str, t.Any]:
-        data = handler(self)
-        if self.document is None:
-            data.pop("document", None)
-        return data
+    # Left out of the JSON (not null) when the request says return_documents=false.
+    document: t.Optional[str] = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class RerankResponse(BaseModel):
