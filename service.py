@@ -14,7 +14,7 @@ import functools
 import typing as t
 
 import bentoml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,6 +32,21 @@ class EmbeddingResponse(BaseModel):
 class EmbeddingsResponse(BaseModel):
     embeddings: list[list[float]]
     dimension: int
+
+
+class RerankResult(BaseModel):
+    original_index: int
+    score: float
+    # Left out of the JSON (not null) when the request says return_documents=false.
+    document: t.Optional[str] = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class RerankResponse(BaseModel):
+    results: list[RerankResult]
+
+
+class ScoreResponse(BaseModel):
+    score: float
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -109,7 +124,50 @@ class TextEmbedding(ServiceBase):
         return EmbeddingsResponse(embeddings=vectors, dimension=len(vectors[0]))
 
 
-KIND_BASES: dict[str, type[ServiceBase]] = {"text_embedding": TextEmbedding}
+class Reranking(ServiceBase):
+    def __init__(self) -> None:
+        from runners.reranker import Reranker
+
+        self.engine = Reranker(self.spec)
+
+    @bentoml.api(route="/rerank")
+    @json_errors
+    async def rerank(
+        self,
+        query: str,
+        documents: list[str],
+        top_k: t.Optional[int] = None,
+        instruction: t.Optional[str] = None,
+        return_documents: bool = True,
+    ) -> RerankResponse:
+        """Score every document against the query; the best first, at most top_k. Scores are P(relevant) in [0, 1]."""
+        require_text(query, "query")
+        if not documents:
+            raise InputError("`documents` must be a non-empty list of strings", param="documents")
+        limit = self.engine.config.max_items_per_request
+        if len(documents) > limit:
+            raise InputError(
+                f"`documents` holds {len(documents)} items; at most {limit} per request", status=413, param="documents"
+            )
+        if top_k is not None and top_k < 1:
+            raise InputError(f"`top_k` must be at least 1, got {top_k}", param="top_k")
+        ranked = await self.engine.rank(query, documents, instruction, top_k)
+        return RerankResponse(
+            results=[
+                RerankResult(original_index=index, score=score, document=documents[index] if return_documents else None)
+                for index, score in ranked
+            ]
+        )
+
+    @bentoml.api(route="/rerank/score")
+    @json_errors
+    async def rerank_score(self, query: str, document: str, instruction: t.Optional[str] = None) -> ScoreResponse:
+        """The relevance of one document to the query, P(relevant) in [0, 1]."""
+        [score] = await self.engine.score(require_text(query, "query"), [document], instruction)
+        return ScoreResponse(score=score)
+
+
+KIND_BASES: dict[str, type[ServiceBase]] = {"text_embedding": TextEmbedding, "rerank": Reranking}
 
 
 async def _health(request: Request) -> JSONResponse:
@@ -137,3 +195,5 @@ def build_service(spec: ServiceSpec) -> t.Any:
 Qwen3Embed4B = build_service(SERVICES["qwen3_4b_embed"])
 BgeEmbed = build_service(SERVICES["bge_embed"])
 Qwen3Embed8B = build_service(SERVICES["qwen3_8b_embed"])
+Qwen3Rerank4B = build_service(SERVICES["qwen3_4b_rerank"])
+Qwen3Rerank8B = build_service(SERVICES["qwen3_8b_rerank"])

@@ -124,6 +124,21 @@ def zimage_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def qwen3_reranker_dir(tmp_path_factory) -> Path:
+    """Qwen3-Reranker layout: Qwen3ForCausalLM with its own (untied) LM head; the tokenizer appends nothing."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    directory = tmp_path_factory.mktemp("qwen3-reranker")
+    build_qwen_tokenizer(directory, appends_end_of_text=False)
+    vocab = len(AutoTokenizer.from_pretrained(str(directory)))
+    torch.manual_seed(3)
+    # Larger random weights than the default 0.02, so that the scores spread over (0, 1) instead of sitting at 0.5.
+    config = qwen3_config(vocab, tie_word_embeddings=False, initializer_range=0.2)
+    Qwen3ForCausalLM(config).save_pretrained(str(directory))
+    return directory
+
+
 BGE_VOCAB_TEXT = "一只橙色的猫在阳光下晒太阳黑狗草地上奔跑可爱咪睡觉为这个句子生成表示以用于检索相关文章：，。"
 
 
