@@ -17,6 +17,7 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, WithJsonSchema
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -153,8 +154,8 @@ class FormOrJSON(bentoml.IODescriptor):
             return await super().from_http_request(request, serde)
         try:
             form = await request.form(max_part_size=limits["form_field"])
-        except MultiPartException as exc:
-            return cls._rejected(InputError(f"the form could not be read: {exc}"))
+        except (MultiPartException, HTTPException) as exc:  # Starlette re-raises parser errors as a 400 HTTPException
+            return cls._rejected(InputError(f"the form could not be read: {getattr(exc, 'detail', exc)}"))
         data: dict[str, t.Any] = {}
         for name, field in cls.model_fields.items():
             values = form.getlist(name)

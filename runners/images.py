@@ -105,7 +105,7 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
             param=param,
         ) from None
     except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
-        raise _too_many_pixels(param, str(exc), limits) from None
+        raise _too_many_pixels(param, f"Pillow's decompression-bomb guard: {exc}", limits) from None
     except Exception as exc:  # a header so broken that Pillow cannot even size the image
         raise InputError(f"`{param}` could not be read as an image: {exc}", param=param) from None
     width, height = image.size
@@ -114,7 +114,7 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
     try:
         image.load()  # the first frame of an animated GIF / WebP / PNG, the first page of a TIFF
     except Image.DecompressionBombError as exc:
-        raise _too_many_pixels(param, str(exc), limits) from None
+        raise _too_many_pixels(param, f"Pillow's decompression-bomb guard: {exc}", limits) from None
     except Exception as exc:  # truncated data, broken streams: any failure here is the file's
         raise InputError(
             f"`{param}` is a {image.format} image that could not be decoded (corrupt or truncated): {exc}",
@@ -129,7 +129,7 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
 
 def _too_many_pixels(param: str, found: str, limits: ImageLimits) -> InputError:
     return InputError(
-        f"`{param}` has too many pixels ({found}); at most {limits.max_pixels} pixels per image",
+        f"`{param}` has too many pixels to decode ({found}); at most {limits.max_pixels} pixels per image",
         status=413,
         param=param,
     )
