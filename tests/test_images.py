@@ -50,6 +50,14 @@ def test_jpeg_decodes_close_to_its_source():
     assert np.abs(rgb_array(decoded) - rgb_array(upright)).mean() < 6
 
 
+def test_phone_mpo_jpeg_gives_its_main_picture():
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), RED).save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", (20, 10), BLUE)])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    decoded = rgb_array(decode(buffer.getvalue()))
+    assert np.abs(decoded - np.array(RED)).max() <= 3
+
+
 def test_animated_gif_gives_its_first_frame():
     decoded = decode(animated_gif())
     assert decoded.mode == "RGB" and set(map(tuple, rgb_array(decoded).reshape(-1, 3))) == {RED}

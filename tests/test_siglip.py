@@ -198,6 +198,22 @@ def test_concurrent_image_requests_share_forward_passes(make_siglip, siglip_dir)
     assert close(torch.tensor(results[-1]), reference_texts(siglip_dir, TEXTS))
 
 
+def test_images_are_decoded_in_threads_off_the_event_loop(make_siglip, siglip_dir):
+    import threading
+
+    embedder = make_siglip(siglip_dir)
+    decoded_in: list[str] = []
+    prepare = embedder.prepare_image
+
+    def recording(source, param="image"):
+        decoded_in.append(threading.current_thread().name)
+        return prepare(source, param)
+
+    embedder.prepare_image = recording
+    run(embedder.embed_images([encode(image, "PNG") for image in pictures()]))
+    assert len(decoded_in) == 3 and all(name.startswith("siglip2_embed-decode") for name in decoded_in)
+
+
 def test_micro_batches_do_not_change_vectors(make_siglip, siglip_dir):
     embedder = make_siglip(siglip_dir, SIGLIP2_EMBED_MAX_BATCH_IMAGES="2")
     images = pictures() * 2
@@ -214,6 +230,7 @@ def test_the_first_bad_image_by_position_fails_the_request(make_siglip, siglip_d
     assert len(run(embedder.embed_images([good]))) == 1  # and the runner keeps working
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns, then we refuse
 def test_limits_come_from_the_environment(make_siglip, siglip_dir):
     embedder = make_siglip(
         siglip_dir,
