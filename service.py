@@ -14,8 +14,11 @@ import functools
 import typing as t
 
 import bentoml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -63,6 +66,9 @@ def json_errors(api: t.Callable[..., t.Awaitable[t.Any]]) -> t.Callable[..., t.A
     @functools.wraps(api)
     async def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
         try:
+            for value in kwargs.values():
+                if isinstance(value, Rejected):  # a form body that could not be read at all (see FormOrJSON)
+                    raise value.error
             return await api(*args, **kwargs)
         except InputError as exc:
             return error_response(exc.status, exc.message, exc.param)
@@ -167,7 +173,165 @@ class Reranking(ServiceBase):
         return ScoreResponse(score=score)
 
 
-KIND_BASES: dict[str, type[ServiceBase]] = {"text_embedding": TextEmbedding, "rerank": Reranking}
+# -- image embedding: the same fields as JSON (images in base64) or as a multipart form (files) --------
+
+
+class Rejected:
+    """Stands in for every field of a form body that could not be parsed; json_errors raises its error."""
+
+    def __init__(self, error: InputError) -> None:
+        self.error = error
+
+
+# In a multipart form an image is a file part; in JSON it is base64 or a data: URI.
+UploadedFile = t.Annotated[UploadFile, WithJsonSchema({"type": "string", "format": "binary"})]
+ImageField = t.Union[str, UploadedFile]
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+class FormOrJSON(bentoml.IODescriptor):
+    """An API input that reads the same field names from a JSON body or from a form.
+
+    BentoML picks one of the two by the endpoint's declared types; an image endpoint must take both,
+    so this input model parses forms itself and hands JSON to BentoML's own parser (whose malformed-JSON
+    and wrong-type answers stay 400 with a JSON body).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: t.Any) -> t.Any:
+        limits = bentoml.get_current_service().request_limits()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits["body"]:
+            return cls._rejected(
+                InputError(f"the request body is {declared} bytes; at most {limits['body']}", status=413)
+            )
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in FORM_TYPES:
+            return await super().from_http_request(request, serde)
+        try:
+            form = await request.form(max_part_size=limits["form_field"])
+        except (MultiPartException, HTTPException) as exc:  # Starlette re-raises parser errors as a 400 HTTPException
+            return cls._rejected(InputError(f"the form could not be read: {getattr(exc, 'detail', exc)}"))
+        data: dict[str, t.Any] = {}
+        for name, field in cls.model_fields.items():
+            values = form.getlist(name)
+            if values:
+                is_list = t.get_origin(field.annotation) is list
+                data[name] = values if is_list or len(values) > 1 else values[0]
+        return cls.model_validate(data)
+
+    @classmethod
+    def _rejected(cls, error: InputError) -> t.Any:
+        return cls.model_construct(**{name: Rejected(error) for name in cls.model_fields})
+
+
+class ImageInput(FormOrJSON):
+    image: ImageField
+
+
+class ImagesInput(FormOrJSON):
+    images: list[ImageField]
+
+
+class SimilarityInput(FormOrJSON):
+    text: str
+    images: list[ImageField]
+
+
+class Score(BaseModel):
+    index: int  # position of the image in the request
+    score: float  # sigmoid(cosine * scale + bias): SigLIP's probability that text and image match
+    cosine: float
+
+
+class SimilarityResponse(BaseModel):
+    scores: list[Score]  # in input order
+    scale: float
+    bias: float
+
+
+async def read_image_field(value: t.Any, name: str, max_bytes: int) -> bytes | str:
+    """A file part becomes its bytes (read no further than the limit); base64 text is passed on as text."""
+    if isinstance(value, str):
+        return value
+    data = await value.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"`{name}` is over {max_bytes} bytes; at most {max_bytes} per image", status=413, param=name)
+    if not data:
+        raise InputError(f"`{name}` is an empty upload", param=name)
+    return data
+
+
+class ImageEmbedding(ServiceBase):
+    """Images and texts into one vector space (SigLIP2), plus SigLIP's own match score."""
+
+    def __init__(self) -> None:
+        from runners.siglip import SiglipEmbedder
+
+        self.engine = SiglipEmbedder(self.spec)
+
+    def request_limits(self) -> dict[str, int]:
+        """Body and form-field sizes that can hold the allowed images (base64 is 4/3 of the bytes)."""
+        settings = self.engine.settings
+        encoded = settings.limits.max_bytes * 4 // 3 + 1024
+        return {"form_field": encoded, "body": settings.max_images_per_request * encoded + 1024 * 1024}
+
+    async def _read(self, values: list[t.Any], names: list[str]) -> list[bytes | str]:
+        max_bytes = self.engine.settings.limits.max_bytes
+        return [await read_image_field(value, name, max_bytes) for value, name in zip(values, names, strict=True)]
+
+    @bentoml.api(route="/embed/image", input_spec=ImageInput)
+    @json_errors
+    async def embed_image(self, image: ImageField) -> EmbeddingResponse:
+        """Embed one image: multipart field `image`, or JSON {"image": base64 or data: URI}."""
+        sources = await self._read([image], ["image"])
+        [vector] = await self.engine.embed_images(sources, names=["image"])
+        return EmbeddingResponse(embedding=vector, dimension=len(vector))
+
+    @bentoml.api(route="/embed/images", input_spec=ImagesInput)
+    @json_errors
+    async def embed_images(self, images: list[ImageField]) -> EmbeddingsResponse:
+        """Embed several images (multipart fields `images`, or JSON {"images": [...]}), in input order."""
+        self.engine.check_image_count(len(images), "images")
+        names = [f"images[{index}]" for index in range(len(images))]
+        vectors = await self.engine.embed_images(await self._read(images, names), names=names)
+        return EmbeddingsResponse(embeddings=vectors, dimension=len(vectors[0]))
+
+    @bentoml.api(route="/embed/text")
+    @json_errors
+    async def embed_text(self, text: str) -> EmbeddingResponse:
+        """Embed one text with the text tower, to search image vectors."""
+        [vector] = await self.engine.embed_texts([require_text(text, "text")])
+        return EmbeddingResponse(embedding=vector, dimension=len(vector))
+
+    @bentoml.api(route="/embed/texts")
+    @json_errors
+    async def embed_texts(self, texts: list[str]) -> EmbeddingsResponse:
+        """Embed several texts with the text tower, in input order."""
+        texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
+        vectors = await self.engine.embed_texts(texts)
+        return EmbeddingsResponse(embeddings=vectors, dimension=len(vectors[0]))
+
+    @bentoml.api(route="/similarity", input_spec=SimilarityInput)
+    @json_errors
+    async def similarity(self, text: str, images: list[ImageField]) -> SimilarityResponse:
+        """Score each image against one text: cosine, and sigmoid(cosine * scale + bias)."""
+        require_text(text, "text")
+        self.engine.check_image_count(len(images), "images")
+        names = [f"images[{index}]" for index in range(len(images))]
+        scores = await self.engine.similarity(text, await self._read(images, names), names=names)
+        return SimilarityResponse(
+            scores=[Score(**score) for score in scores], scale=self.engine.scale, bias=self.engine.bias
+        )
+
+
+KIND_BASES: dict[str, type[ServiceBase]] = {
+    "text_embedding": TextEmbedding,
+    "rerank": Reranking,
+    "image_embedding": ImageEmbedding,
+}
 
 
 async def _health(request: Request) -> JSONResponse:
@@ -192,6 +356,7 @@ def build_service(spec: ServiceSpec) -> t.Any:
 
 
 # Module-level names, so that `bentoml serve service:<Class>` finds them.
+Siglip2Embed = build_service(SERVICES["siglip2_embed"])
 Qwen3Embed4B = build_service(SERVICES["qwen3_4b_embed"])
 BgeEmbed = build_service(SERVICES["bge_embed"])
 Qwen3Embed8B = build_service(SERVICES["qwen3_8b_embed"])

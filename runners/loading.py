@@ -189,3 +189,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_image_processor(files: ModelFiles, config: RunnerConfig) -> Any:
+    """The checkpoint's own image processor (preprocessor_config.json): resize, rescale, normalize."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(files.model_dir))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{config.model_env}={str(files.root)!r}: could not load the image processor from {files.model_dir} "
+            f"({type(exc).__name__}: {exc}); an image model needs its preprocessor_config.json"
+        ) from None

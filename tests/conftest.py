@@ -248,3 +248,77 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+# -- SigLIP2 ---------------------------------------------------------------------------------------
+
+SIGLIP_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's ids 0..4, as in SigLIP2's tokenizer
+_SIGLIP_CORPUS = [
+    "an orange cat sleeps in the sun",
+    "a black dog runs on the grass",
+    "this is a photo of two cats",
+    "a red square and a blue circle on a white page",
+]
+
+
+def build_siglip2_tokenizer(directory: Path, *, padding_side: str = "right") -> None:
+    """A tiny Gemma tokenizer set up the way SigLIP2's checkpoints ship theirs.
+
+    Same class (GemmaTokenizer: SentencePiece-style BPE, spaces as '▁'), same special tokens at the
+    same ids (<pad>=0, <eos>=1, <bos>=2, <unk>=3), no <bos>, <eos> appended, right padding, input_ids
+    only (the model attends to its padding, as trained). Only the vocabulary is tiny and lower-case,
+    so an upper-case word becomes <unk> unless the caller lower-cases it.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    trainer_tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    trainer_tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=SIGLIP_SPECIALS, initial_alphabet=list("abcdefghijklmnopqrstuvwxyz▁")
+    )
+    trainer_tokenizer.train_from_iterator(_SIGLIP_CORPUS * 20, trainer)
+    trained = json.loads(trainer_tokenizer.to_str())["model"]
+    tokenizer = GemmaTokenizer(
+        vocab=trained["vocab"],
+        merges=[tuple(merge) for merge in trained["merges"]],
+        add_bos_token=False,
+        add_eos_token=True,
+        padding_side=padding_side,
+        model_input_names=["input_ids"],
+    )
+    tokenizer.save_pretrained(str(directory))
+
+
+SIGLIP_IMAGE_SIZE = 32
+
+
+def save_tiny_siglip(directory: Path, *, seed: int = 3, padding_side: str = "right") -> Path:
+    """SiglipModel (the fixed-resolution SigLIP2 architecture) with random weights, 32x32 images in 8x8
+    patches, 64 text positions, and a logit scale and bias that are not the zero they are initialised to."""
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    build_siglip2_tokenizer(directory, padding_side=padding_side)
+    vocab = len(AutoTokenizer.from_pretrained(str(directory)))
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = SiglipConfig(
+        text_config=dict(
+            vocab_size=vocab, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2, **tower
+        ),
+        vision_config=dict(image_size=SIGLIP_IMAGE_SIZE, patch_size=8, **tower),
+    )
+    torch.manual_seed(seed)
+    model = SiglipModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(2.3)  # exp(2.3) ~ 10
+        model.logit_bias.fill_(-1.5)
+    model.save_pretrained(str(directory))
+    # The real checkpoints' processor: resize to the model's size (bilinear), rescale, normalize with mean=std=0.5.
+    SiglipImageProcessor(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def siglip_dir(tmp_path_factory) -> Path:
+    return save_tiny_siglip(tmp_path_factory.mktemp("siglip2"))

@@ -1,0 +1,269 @@
+"""SigLIP / SigLIP2 runner: images and texts into one vector space, through the model's two towers.
+
+Recipe (the model card's): images through the checkpoint's own image processor; texts lower-cased,
+padded to exactly `max_length` (64) tokens at the end, the way the model was trained; then
+`get_image_features` / `get_text_features`, L2-normalized. A match score is SigLIP's own sigmoid,
+sigmoid(cosine * exp(logit_scale) + logit_bias).
+
+Images are decoded and resized in a small thread pool, off the event loop; the prepared pixels of
+concurrent requests then share forward passes through one Batcher (texts go through the same queue,
+so the model only ever runs on one thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
+from .config import RunnerConfig, int_setting
+from .errors import InputError, ModelLoadError
+from .images import FORMAT_NAMES, ImageLimits, bytes_from_base64, open_image
+from .loading import load_image_processor, load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
+from .table import ServiceSpec
+
+log = logging.getLogger(__name__)
+
+# What one image may arrive as: the file's bytes, or base64 / a data: URI as text.
+ImageSource = Union[bytes, str]
+# The text tower's inputs we pass on; a tokenizer may return more (token_type_ids) that SigLIP does not take.
+_TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    limits: ImageLimits
+    max_images_per_request: int
+    max_batch_images: int  # images in one forward pass
+    decode_threads: int
+
+    @classmethod
+    def from_env(cls, spec: ServiceSpec) -> ImageSettings:
+        return cls(
+            limits=ImageLimits.from_env(spec),
+            max_images_per_request=int_setting(spec, "MAX_IMAGES_PER_REQUEST", 64),
+            max_batch_images=int_setting(spec, "MAX_BATCH_IMAGES", 32),
+            decode_threads=int_setting(spec, "DECODE_THREADS", min(8, os.cpu_count() or 1)),
+        )
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image as the vision tower takes it: the processor's tensors, batch dimension 1."""
+
+    inputs: dict[str, torch.Tensor]
+
+
+Item = Union[str, PreparedImage]  # a text, or a prepared image
+
+
+def features(output: Any) -> torch.Tensor:
+    """get_*_features returns a tensor in transformers 4 and a BaseModelOutputWithPooling in 5
+    (the projected features are its pooler_output)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if not isinstance(pooled, torch.Tensor):
+        raise TypeError(f"unexpected feature output {type(output).__name__} without pooler_output")
+    return pooled
+
+
+class SiglipEmbedder:
+    def __init__(
+        self, spec: ServiceSpec, config: RunnerConfig | None = None, settings: ImageSettings | None = None
+    ) -> None:
+        from transformers import AutoModel
+
+        self.spec = spec
+        self.config = config or RunnerConfig.from_env(spec)
+        self.settings = settings or ImageSettings.from_env(spec)
+        files = locate(self.config)
+        self.model_name = str(files.root)
+        self.device = pick_device(self.config)
+        self.dtype = pick_dtype(self.config, self.device)
+        self.tokenizer = load_tokenizer(files, self.config)
+        self.image_processor = load_image_processor(files, self.config)
+        self.model = load_pretrained(AutoModel, files, self.config, self.device, self.dtype)
+        for needed in ("get_image_features", "get_text_features", "logit_scale", "logit_bias"):
+            if not hasattr(self.model, needed):
+                raise ModelLoadError(
+                    f"{self.config.model_env}={self.model_name!r} is a {type(self.model).__name__}, "
+                    f"not a SigLIP-style image-text model (it has no {needed})"
+                )
+        self.dimension = self._dimension()
+        self.max_length = self._max_length()
+        # SigLIP scores a pair as sigmoid(cosine * scale + bias); the model stores log(scale).
+        self.scale = math.exp(float(self.model.logit_scale.detach().float().cpu().reshape(-1)[0]))
+        self.bias = float(self.model.logit_bias.detach().float().cpu().reshape(-1)[0])
+        self.settings.limits.apply_to_pillow()
+        self._decoders = ThreadPoolExecutor(
+            max_workers=self.settings.decode_threads, thread_name_prefix=f"{spec.seed_name}-decode"
+        )
+        self.batcher: Batcher[Item, torch.Tensor] = Batcher(
+            self._embed_batch, max_batch_items=self.config.max_batch_items, name=spec.seed_name
+        )
+        if spec.dimension is not None and spec.dimension != self.dimension:
+            log.warning(
+                "%s: model has dimension %d, the table expects %d", spec.seed_name, self.dimension, spec.dimension
+            )
+
+    # -- what the service asks -------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        limits = self.settings.limits
+        return {
+            "model": self.model_name,
+            "architecture": type(self.model).__name__,
+            "dimension": self.dimension,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.config.quantization,
+            "max_length": self.max_length,
+            "truncation": "texts longer than max_length tokens are cut at the end",
+            "scale": self.scale,
+            "bias": self.bias,
+            "image_formats": FORMAT_NAMES.split(", "),
+            "max_image_bytes": limits.max_bytes,
+            "max_image_pixels": limits.max_pixels,
+            "max_images_per_request": self.settings.max_images_per_request,
+            "max_items_per_request": self.config.max_items_per_request,
+        }
+
+    def check_image_count(self, count: int, param: str) -> None:
+        if count == 0:
+            raise InputError(f"`{param}` must hold at least one image", param=param)
+        limit = self.settings.max_images_per_request
+        if count > limit:
+            raise InputError(f"`{param}` holds {count} images; at most {limit} per request", status=413, param=param)
+
+    async def embed_images(self, sources: list[ImageSource], names: list[str] | None = None) -> list[list[float]]:
+        """L2-normalized image embeddings, in input order. `names` name the inputs in error messages."""
+        prepared = await self.prepare_images(sources, names)
+        return torch.stack(await self.batcher.submit(list(prepared))).tolist()
+
+    async def embed_texts(self, texts: list[str]) -> list[list[float]]:
+        """L2-normalized text embeddings, in input order, from the text tower."""
+        return torch.stack(await self.batcher.submit(list(texts))).tolist()
+
+    async def similarity(
+        self, text: str, sources: list[ImageSource], names: list[str] | None = None
+    ) -> list[dict[str, float]]:
+        """For each image, in input order: its cosine with the text, and SigLIP's probability that they match."""
+        prepared = await self.prepare_images(sources, names)
+        text_vector, *image_vectors = await self.batcher.submit([text, *prepared])
+        cosines = torch.stack(image_vectors).double() @ text_vector.double()
+        scores = torch.sigmoid(cosines * self.scale + self.bias)
+        return [
+            {"index": index, "score": float(score), "cosine": float(cosine)}
+            for index, (score, cosine) in enumerate(zip(scores, cosines, strict=True))
+        ]
+
+    async def prepare_images(self, sources: list[ImageSource], names: list[str] | None = None) -> list[PreparedImage]:
+        """Decode and preprocess in the decode threads; the first bad image (by position) fails the request."""
+        loop = asyncio.get_running_loop()
+        names = names or [f"images[{index}]" for index in range(len(sources))]
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._decoders, self.prepare_image, source, name)
+                for source, name in zip(sources, names, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def prepare_image(self, source: ImageSource, param: str = "image") -> PreparedImage:
+        """bytes or base64 -> RGB picture -> the processor's tensors (resize, rescale, normalize)."""
+        limits = self.settings.limits
+        data = bytes_from_base64(source, limits, param) if isinstance(source, str) else source
+        image = open_image(data, limits, param)
+        inputs = self.image_processor(images=[image], return_tensors="pt")
+        return PreparedImage({key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)})
+
+    # -- the model side (runs in the batcher's worker thread) ------------------------------------------
+
+    def _embed_batch(self, items: list[Item]) -> list[torch.Tensor]:
+        results: list[torch.Tensor | None] = [None] * len(items)
+        texts = [index for index, item in enumerate(items) if isinstance(item, str)]
+        images = [index for index, item in enumerate(items) if isinstance(item, PreparedImage)]
+        if texts:
+            encoded = self._tokenize([items[index] for index in texts])  # type: ignore[misc]
+            plan = plan_micro_batches([self.max_length] * len(texts), self.config.max_batch_tokens)
+            for micro_batch in plan:
+                vectors = run_splitting_on_oom(
+                    lambda part: list(self._forward_text({key: value[part] for key, value in encoded.items()})),
+                    micro_batch,
+                )
+                for position, vector in zip(micro_batch, vectors, strict=True):
+                    results[texts[position]] = vector
+        if images:
+            plan = plan_micro_batches([1] * len(images), self.settings.max_batch_images)
+            for micro_batch in plan:
+                vectors = run_splitting_on_oom(
+                    lambda part: list(self._forward_images([items[images[i]] for i in part])),  # type: ignore[misc]
+                    micro_batch,
+                )
+                for position, vector in zip(micro_batch, vectors, strict=True):
+                    results[images[position]] = vector
+        return results  # type: ignore[return-value]
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        # Lower-cased: the model was trained on lower-cased text. Padded at the end to exactly max_length:
+        # SigLIP pools the last position and was trained so (Gemma's tokenizer pads on the left by default).
+        encoded = self.tokenizer(
+            [text.lower() for text in texts],
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        return {key: value for key, value in encoded.items() if key in _TEXT_INPUTS}
+
+    @torch.inference_mode()
+    def _forward_text(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {key: value.to(self.device) for key, value in encoded.items()}
+        return self._normalized(self.model.get_text_features(**inputs))
+
+    @torch.inference_mode()
+    def _forward_images(self, images: list[PreparedImage]) -> torch.Tensor:
+        inputs = {}
+        for key in images[0].inputs:
+            stacked = torch.cat([image.inputs[key] for image in images]).to(self.device)
+            inputs[key] = stacked.to(self.dtype) if stacked.is_floating_point() else stacked
+        return self._normalized(self.model.get_image_features(**inputs))
+
+    @staticmethod
+    def _normalized(output: Any) -> torch.Tensor:
+        return torch.nn.functional.normalize(features(output).float(), dim=-1).cpu()
+
+    # -- start-up decisions ------------------------------------------------------------------------
+
+    def _dimension(self) -> int:
+        config = self.model.config
+        vision = int(config.vision_config.hidden_size)
+        text = int(getattr(config.text_config, "projection_size", None) or config.text_config.hidden_size)
+        if vision != text:
+            raise ModelLoadError(
+                f"{self.config.model_env}: image vectors have {vision} dimensions but text vectors {text}; "
+                "they must share one space"
+            )
+        return vision
+
+    def _max_length(self) -> int:
+        positions = int(getattr(self.model.config.text_config, "max_position_embeddings", 0) or 0)
+        wanted = self.config.max_length or self.spec.default_max_length
+        return min(wanted, positions) if positions else wanted
+
+    def close(self) -> None:
+        self.batcher.close()
+        self._decoders.shutdown(wait=False, cancel_futures=True)
