@@ -15,7 +15,7 @@ from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
 from .loading import load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
-from .packed import PackedQwen3, supports_packing
+from .packed import packed_forward_for, right_padded
 from .pooling import SentenceTransformersConfig, make_pooling, read_sentence_transformers_config
 from .prompts import make_prompt
 from .table import ServiceSpec
@@ -72,10 +72,7 @@ class TextEmbedder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
         # Qwen3 decoders run padding-free (packed sequences); other architectures run padded.
-        compile = config.compile in ("1", "true", "yes", "on") or (
-            config.compile == "auto" and self.device.type == "cuda"
-        )
-        self.packed = PackedQwen3(model, compile=compile) if config.packed and supports_packing(model) else None
+        self.packed = packed_forward_for(model, config, self.device)
         self.batcher: Batcher[str, torch.Tensor] = Batcher(
             self._embed_batch, max_batch_items=config.max_batch_items, name=spec.seed_name
         )
@@ -174,13 +171,7 @@ class TextEmbedder:
 
     @torch.inference_mode()
     def _forward_padded(self, batch: list[list[int]]) -> torch.Tensor:
-        longest = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, ids in enumerate(batch):  # right padding: real tokens keep positions 0..n-1
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        input_ids, mask = right_padded(batch, self.pad_id, self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         pooled = self.pooling(hidden, mask).float()
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()

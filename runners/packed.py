@@ -32,6 +32,31 @@ def supports_packing(model: Any) -> bool:
     )
 
 
+def packed_forward_for(model: Any, config: Any, device: torch.device) -> PackedQwen3 | None:
+    """The padding-free forward for this model, when its architecture has one and the settings allow it.
+
+    EMBED_PACKED=0 turns it off; EMBED_COMPILE=auto compiles it on GPUs only (compiling costs start-up
+    time, and the fused kernels pay off on a GPU).
+    """
+    if not config.packed or not supports_packing(model):
+        return None
+    compile = config.compile in ("1", "true", "yes", "on") or (config.compile == "auto" and device.type == "cuda")
+    return PackedQwen3(model, compile=compile)
+
+
+def right_padded(
+    batch: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [n, longest], padded on the right: real tokens keep positions 0..len-1."""
+    longest = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
 def pack(token_ids: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [T], positions [T] (0..n-1 within each text) and cu_seqlens [n+1] (int32)."""
     lengths = torch.tensor([len(ids) for ids in token_ids])

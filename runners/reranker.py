@@ -24,6 +24,7 @@ from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import ModelLoadError
 from .loading import ModelFiles, load_pretrained, load_tokenizer, locate, pick_device, pick_dtype, read_json
+from .packed import packed_forward_for, right_padded
 from .pooling import LastTokenPooling
 from .table import ServiceSpec
 
@@ -89,6 +90,8 @@ class Reranker:
             )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.last_token = LastTokenPooling()
+        # Qwen3 decoders run padding-free (packed sequences), as the embedding services do.
+        self.packed = packed_forward_for(self.model, self.config, self.device)
         self.batcher: Batcher[Pair, float] = Batcher(
             self._score_batch, max_batch_items=self.config.max_batch_items, name=spec.seed_name
         )
@@ -107,6 +110,9 @@ class Reranker:
             "instruction_default": self.default_instruction,
             "yes_no_rows_from": self.head_source,
             "max_items_per_request": self.config.max_items_per_request,
+            "max_batch_tokens": self.config.max_batch_tokens,
+            "padding_free": self.packed is not None,
+            "compiled": self.packed is not None and self.packed.compiled,
         }
 
     def resolve_instruction(self, instruction: str | None) -> str:
@@ -130,7 +136,9 @@ class Reranker:
     def _score_batch(self, pairs: list[Pair]) -> list[float]:
         token_ids = self.tokenize(pairs)
         results: list[float | None] = [None] * len(pairs)
-        plan = plan_micro_batches([len(ids) for ids in token_ids], self.config.max_batch_tokens)
+        plan = plan_micro_batches(
+            [len(ids) for ids in token_ids], self.config.max_batch_tokens, padded=self.packed is None
+        )
         for micro_batch in plan:
             scores = run_splitting_on_oom(lambda part: self._forward([token_ids[i] for i in part]), micro_batch)
             for index, value in zip(micro_batch, scores, strict=True):
@@ -151,17 +159,15 @@ class Reranker:
 
     @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> list[float]:
-        # Right padding, then the last real token of each row: for a causal model this equals the model
-        # card's left padding (no real token attends to a pad either way), with simpler position ids.
-        longest = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        last = self.last_token(hidden, mask).float()  # [batch, hidden]
+        if self.packed is not None:
+            hidden, cu_seqlens = self.packed.forward(batch)
+            last = self.last_token.packed(hidden, cu_seqlens).float()  # [batch, hidden]
+        else:
+            # Right padding, then the last real token of each row: for a causal model this equals the model
+            # card's left padding (no real token attends to a pad either way), with simpler position ids.
+            input_ids, mask = right_padded(batch, self.pad_id, self.device)
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            last = self.last_token(hidden, mask).float()  # [batch, hidden]
         yes_no = last @ self.yes_no_rows.T  # [batch, 2]: the only two logits the score needs
         return torch.sigmoid(yes_no[:, 0] - yes_no[:, 1]).cpu().tolist()
 

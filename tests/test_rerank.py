@@ -118,11 +118,13 @@ def layouts(qwen3_reranker_dir, zimage_root):
 SEED_NAMES = ["qwen3_8b_rerank", "qwen3_4b_rerank"]
 
 
+@pytest.mark.parametrize("packed", ["1", "0"], ids=["padding-free", "padded"])
 @pytest.mark.parametrize("seed_name", SEED_NAMES)
-def test_scores_match_model_card(make_reranker, layouts, seed_name):
+def test_scores_match_model_card(make_reranker, layouts, seed_name, packed):
     root, model_dir, tokenizer_dir, head_source = layouts[seed_name]
-    reranker = make_reranker(seed_name, root)
+    reranker = make_reranker(seed_name, root, EMBED_PACKED=packed)
     assert reranker.head_source == head_source
+    assert (reranker.packed is not None) == (packed == "1")
     expected = card_scores(model_dir, tokenizer_dir, QUERY, DOCUMENTS)
     ours = scores_of(reranker, QUERY, DOCUMENTS)
     assert close(ours, expected), (ours, expected)
