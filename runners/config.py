@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import ModelLoadError
 from .table import ServiceSpec
 
-QUANTIZATIONS = ("none", "int8", "nf4")
+QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
 
 
 def setting(spec: ServiceSpec, key: str, default: str | None = None) -> str | None:

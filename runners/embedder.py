@@ -165,7 +165,7 @@ class TextEmbedder:
     @torch.inference_mode()
     def _forward_packed(self, batch: list[list[int]]) -> torch.Tensor:
         assert self.packed is not None
-        hidden, cu_seqlens = self.packed.forward(batch)
+        hidden, cu_seqlens = self.packed.forward(batch, last_tokens_only=self.pooling.last_token_only)
         pooled = self.pooling.packed(hidden, cu_seqlens).float()
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 

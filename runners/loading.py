@@ -126,8 +126,8 @@ def pick_dtype(config: RunnerConfig, device: torch.device) -> torch.dtype:
 
 
 def quantization_kwargs(config: RunnerConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """from_pretrained arguments for the bitsandbytes modes (int8, nf4)."""
-    if config.quantization == "none":
+    """from_pretrained arguments for the bitsandbytes modes (int8, nf4). fp8 is applied after loading."""
+    if config.quantization in ("none", "fp8"):
         return {}
     try:
         from transformers import BitsAndBytesConfig
@@ -163,6 +163,15 @@ def load_pretrained(
             f"{config.model_env}={str(files.root)!r}: could not load the model from {files.model_dir} "
             f"({type(exc).__name__}: {exc})"
         ) from None
+    if config.quantization == "fp8":
+        from .fp8 import fp8_supported, quantize_model_fp8
+
+        if not fp8_supported(device):
+            raise ModelLoadError(
+                f"{config.model_env.replace('_MODEL', '_QUANTIZATION')}=fp8 needs a GPU with FP8 matrix units "
+                "(compute capability 8.9 or newer: Ada, Hopper); use int8 or nf4 on this GPU"
+            )
+        quantize_model_fp8(model, device)  # layer by layer, before the rest moves: bf16 never fills the GPU
     if "quantization_config" not in kwargs:
         model = model.to(device)
     return model.eval()

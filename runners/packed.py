@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .fp8 import Fp8Linear, Fp8Weight, fp8_linear
+
 
 def supports_packing(model: Any) -> bool:
     """Qwen3 decoders without sliding-window layers: the architecture this forward reproduces."""
@@ -78,7 +80,7 @@ class PackedQwen3:
     With plain bf16/fp32 linear layers, each decoder layer runs as two functions of its weights
     (everything before attention, everything after it), which `torch.compile` can fuse: the norms,
     rotary embedding, SwiGLU and residual adds then cost one memory pass each instead of several.
-    Quantized layers (bitsandbytes) run through their own modules instead.
+    FP8 weights go through the same functions; bitsandbytes layers run as their own modules instead.
     """
 
     def __init__(self, model: Any, *, compile: bool = False) -> None:
@@ -100,8 +102,15 @@ class PackedQwen3:
             self._outputs = torch.compile(_attention_output_and_mlp, dynamic=True)
 
     @torch.inference_mode()
-    def forward(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (hidden [T, hidden], cu_seqlens [n+1])."""
+    def forward(
+        self, token_ids: Sequence[Sequence[int]], *, last_tokens_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (hidden [T, hidden], cu_seqlens [n+1]).
+
+        last_tokens_only: the caller reads each text's last position only (last-token pooling, reranking),
+        so the final layer's output projection and MLP run on those n rows, not all T; hidden is then
+        [n, hidden], one row per text, and cu_seqlens says so (0, 1, ..., n).
+        """
         model = self.model
         device = model.embed_tokens.weight.device
         ids, positions, cu_seqlens = pack(token_ids, device)
@@ -110,18 +119,14 @@ class PackedQwen3:
         cos, sin = model.rotary_emb(hidden, positions.unsqueeze(0))  # [1, T, head_dim]
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]: broadcast over heads
         tokens = hidden.shape[0]
-        for layer in model.layers:
+        final = len(model.layers) - 1
+        for index, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             if self.functional:
                 q, k, v = self._inputs(
-                    hidden, layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight,
-                    attn.v_proj.weight, attn.q_norm.weight, attn.k_norm.weight, cos, sin, self.eps,
+                    hidden, layer.input_layernorm.weight, _weight(attn.q_proj), _weight(attn.k_proj),
+                    _weight(attn.v_proj), attn.q_norm.weight, attn.k_norm.weight, cos, sin, self.eps,
                     self.heads, self.kv_heads, self.head_dim,
-                )  # fmt: skip
-                out = self._attend(q, k, v, cu_seqlens, longest).reshape(tokens, -1)
-                hidden = self._outputs(
-                    out, hidden, attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.gate_proj.weight,
-                    mlp.up_proj.weight, mlp.down_proj.weight, self.eps,
                 )  # fmt: skip
             else:
                 x = layer.input_layernorm(hidden)
@@ -129,7 +134,18 @@ class PackedQwen3:
                 k = attn.k_norm(attn.k_proj(x).view(tokens, self.kv_heads, self.head_dim))
                 v = attn.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
                 q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-                hidden = hidden + attn.o_proj(self._attend(q, k, v, cu_seqlens, longest).reshape(tokens, -1))
+            out = self._attend(q, k, v, cu_seqlens, longest).reshape(tokens, -1)
+            if last_tokens_only and index == final:
+                last = cu_seqlens[1:].long() - 1
+                out, hidden = out[last], hidden[last]
+                cu_seqlens = torch.arange(len(last) + 1, dtype=cu_seqlens.dtype, device=device)  # a row per text
+            if self.functional:
+                hidden = self._outputs(
+                    out, hidden, _weight(attn.o_proj), layer.post_attention_layernorm.weight, _weight(mlp.gate_proj),
+                    _weight(mlp.up_proj), _weight(mlp.down_proj), self.eps,
+                )  # fmt: skip
+            else:
+                hidden = hidden + attn.o_proj(out)
                 hidden = hidden + mlp(layer.post_attention_layernorm(hidden))
         return model.norm(hidden), cu_seqlens
 
@@ -142,16 +158,18 @@ class PackedQwen3:
 
 
 def _plain_linear(layer: Any) -> bool:
-    linears = [
-        layer.self_attn.q_proj,
-        layer.self_attn.k_proj,
-        layer.self_attn.v_proj,
-        layer.self_attn.o_proj,
-        layer.mlp.gate_proj,
-        layer.mlp.up_proj,
-        layer.mlp.down_proj,
-    ]
-    return all(type(linear) is torch.nn.Linear and linear.bias is None for linear in linears)
+    """Linear layers whose weights the weight functions can take: bf16/fp32 nn.Linear, or FP8, without bias."""
+    linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]  # fmt: skip
+    return all(type(linear) in (torch.nn.Linear, Fp8Linear) and linear.bias is None for linear in linears)
+
+
+def _weight(linear: Any) -> torch.Tensor | Fp8Weight:
+    return linear.fp8 if isinstance(linear, Fp8Linear) else linear.weight
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
+    return fp8_linear(x, weight) if isinstance(weight, Fp8Weight) else F.linear(x, weight)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,17 +183,17 @@ def _attention_inputs(hidden, norm_w, q_w, k_w, v_w, q_norm_w, k_norm_w, cos, si
     """input norm, q/k/v projections, per-head q/k norms, rotary embedding."""
     tokens = hidden.shape[0]
     x = _rms_norm(hidden, norm_w, eps)
-    q = _rms_norm(F.linear(x, q_w).view(tokens, heads, head_dim), q_norm_w, eps)
-    k = _rms_norm(F.linear(x, k_w).view(tokens, kv_heads, head_dim), k_norm_w, eps)
-    v = F.linear(x, v_w).view(tokens, kv_heads, head_dim)
+    q = _rms_norm(_linear(x, q_w).view(tokens, heads, head_dim), q_norm_w, eps)
+    k = _rms_norm(_linear(x, k_w).view(tokens, kv_heads, head_dim), k_norm_w, eps)
+    v = _linear(x, v_w).view(tokens, kv_heads, head_dim)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
 def _attention_output_and_mlp(attn_out, residual, o_w, norm_w, gate_w, up_w, down_w, eps: float):
     """o projection and residual, post-attention norm, SwiGLU MLP and residual."""
-    hidden = residual + F.linear(attn_out, o_w)
+    hidden = residual + _linear(attn_out, o_w)
     x = _rms_norm(hidden, norm_w, eps)
-    return hidden + F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+    return hidden + _linear(F.silu(_linear(x, gate_w)) * _linear(x, up_w), down_w)
 
 
 def _causal_attention_per_sequence(

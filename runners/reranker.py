@@ -160,7 +160,7 @@ class Reranker:
     @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> list[float]:
         if self.packed is not None:
-            hidden, cu_seqlens = self.packed.forward(batch)
+            hidden, cu_seqlens = self.packed.forward(batch, last_tokens_only=True)
             last = self.last_token.packed(hidden, cu_seqlens).float()  # [batch, hidden]
         else:
             # Right padding, then the last real token of each row: for a causal model this equals the model

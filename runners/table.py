@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["text_embedding", "rerank", "image_embedding"]
-Quantization = Literal["none", "int8", "nf4"]
+Quantization = Literal["none", "int8", "nf4", "fp8"]
 
 
 @dataclass(frozen=True)
