@@ -96,16 +96,20 @@ def main() -> None:
     files = jpeg_files(64)
     spec = SERVICES["siglip2_embed"]
     results = []
-    for batch_images in ("32", "64"):
+    batch_images = "64"
+    for quantization in ("none", "fp8"):
         os.environ.update(
             {
                 spec.model_env: str(directory),
                 "EMBED_DEVICE": DEVICE,
                 "SIGLIP2_EMBED_MAX_BATCH_IMAGES": batch_images,
                 "SIGLIP2_EMBED_MAX_IMAGES_PER_REQUEST": "64",
+                spec.quantization_env: quantization,
             }
         )
+        started = time.perf_counter()
         embedder = SiglipEmbedder(spec, RunnerConfig.from_env(spec))
+        print(f"loaded ({quantization}, compiled={embedder.compiled}) in {time.perf_counter() - started:.1f}s")
 
         async def load(embedder: SiglipEmbedder, requests: int) -> None:
             # 64-image requests from 4 concurrent clients, as an indexing job would send them.
@@ -125,7 +129,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rate = (args.images // 64) * 64 / seconds
         row = {
-            "variant": f"service runner, decode included, batches of {batch_images}",
+            "variant": f"service runner, decode included, batches of {batch_images}, {quantization}",
             "images_per_s": rate,
             "seconds": seconds,
             "dtype": str(embedder.dtype),
@@ -144,7 +148,9 @@ def main() -> None:
                 embedder.model.get_image_features(pixel_values=pixels)
             sync()
         model_rate = 8 * int(batch_images) / (time.perf_counter() - start)
-        results.append({"variant": f"vision tower alone, batches of {batch_images}", "images_per_s": model_rate})
+        results.append(
+            {"variant": f"vision tower alone, batches of {batch_images}, {quantization}", "images_per_s": model_rate}
+        )
         print(json.dumps(results[-1]), flush=True)
         embedder.close()
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"

@@ -145,7 +145,7 @@ def embedder_for(seed_name: str, model, tokenizer, **env) -> TextEmbedder:
     return TextEmbedder.from_model(spec, RunnerConfig.from_env(spec), model, tokenizer)
 
 
-def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick, full_baseline):
+def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick, full_baseline, final=False):
     model = random_model(kind, shape)
     params = non_embedding_params(model)
     scale = 16 if DEVICE == "cpu" else (4 if quick else 1)
@@ -163,20 +163,31 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
             "ours packed 16k": {"EMBED_MAX_BATCH_TOKENS": "16384", "EMBED_COMPILE": "0"},
             "ours packed+compiled 16k": {"EMBED_MAX_BATCH_TOKENS": "16384", "EMBED_COMPILE": "1"},
             "ours packed+compiled 32k": {"EMBED_MAX_BATCH_TOKENS": "32768", "EMBED_COMPILE": "1"},
+            # The memory-saving mode: FP8 weights (the model is quantized in place before these run).
+            "ours fp8 packed+compiled 32k": {"EMBED_MAX_BATCH_TOKENS": "32768", "EMBED_COMPILE": "1", "fp8": "1"},
         }
+        if final:
+            variants = {name: env for name, env in variants.items() if "compiled 32k" in name}
         # Reranking is this forward on query+document pairs of 150-350 tokens, read at the last position.
         sets["rerank pairs 150-350"] = token_texts(1024 // scale, 150, 350, shape["vocab_size"], 3)
+    probe = sets["short 8-64"][:32]
+    full_precision = None
 
     def runner_for(env):
         if env is None:
             return lambda batch: naive_hf(model, batch)
         return embedder_for(seed_name, model, tokenizer, **env).embed_token_ids
 
-    for set_name, texts in sets.items():
-        tokens = sum(map(len, texts))
-        for variant, env in variants.items():
+    for variant, env in variants.items():
+        if env and env.pop("fp8", None):
+            from runners.fp8 import quantize_model_fp8
+
+            full_precision = torch.stack(runner_for({"EMBED_COMPILE": "1"})(probe))
+            quantize_model_fp8(model, torch.device(DEVICE))
+        for set_name, texts in sets.items():
             if env is None and set_name != "short 8-64" and not full_baseline:
                 continue  # the naive baseline on the other sets: BENCHMARKS.md's first run
+            tokens = sum(map(len, texts))
             try:
                 run = runner_for(env)
                 run(texts[:64])  # warm-up
@@ -198,17 +209,23 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
             }
             results.append(row)
             print(
-                f"{name:14} {set_name:14} {variant:28} {rate:10.0f} tok/s {row['texts_per_s']:8.0f} texts/s "
+                f"{name:14} {set_name:20} {variant:30} {rate:10.0f} tok/s {row['texts_per_s']:8.0f} texts/s "
                 f"{100 * row['matmul_fraction']:5.1f}% of matmul",
                 flush=True,
             )
-    if kind == "qwen3":  # the fast path computes what the padded one does
-        probe = sets["short 8-64"][:32]
-        a = torch.stack(embedder_for(seed_name, model, tokenizer, EMBED_COMPILE="1").embed_token_ids(probe))
-        b = torch.stack(embedder_for(seed_name, model, tokenizer, EMBED_PACKED="0").embed_token_ids(probe))
-        cos = torch.nn.functional.cosine_similarity(a, b).min().item()
-        print(f"{name}: packed+compiled vs padded min cosine {cos:.5f}", flush=True)
-        results.append({"model": name, "check": "packed+compiled vs padded min cosine", "value": cos})
+    if kind == "qwen3" and full_precision is None:  # the fast path computes what the padded one does
+        a = torch.stack(runner_for({"EMBED_COMPILE": "1"})(probe))
+        b = torch.stack(runner_for({"EMBED_PACKED": "0"})(probe))
+        check("packed+compiled vs padded min cosine", name, a, b, results)
+    elif full_precision is not None:
+        check("fp8 vs bf16 min cosine", name, torch.stack(runner_for({"EMBED_COMPILE": "1"})(probe)), full_precision,
+              results)  # fmt: skip
+
+
+def check(what: str, name: str, a: torch.Tensor, b: torch.Tensor, results: list[dict]) -> None:
+    cos = torch.nn.functional.cosine_similarity(a, b).min().item()
+    print(f"{name}: {what} {cos:.5f}", flush=True)
+    results.append({"model": name, "check": what, "value": cos})
 
 
 def main() -> None:
@@ -219,6 +236,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer texts")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the script itself, on any device")
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--final", action="store_true", help="the compiled 32k variants only (bf16 and fp8)")
     parser.add_argument("--full-baseline", action="store_true", help="naive HF on every text set, not just short")
     parser.add_argument("--out", default="gpu_results.json")
     args = parser.parse_args()
@@ -245,7 +263,9 @@ def main() -> None:
         if args.smoke:
             shape = {**TINY, **({"vocab_size": 700} if kind == "qwen3" else {"max_position_embeddings": 512})}
             shape = {k: v for k, v in shape.items() if kind == "qwen3" or k not in ("num_key_value_heads", "head_dim")}
-        run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, args.quick, args.full_baseline)
+        run_text_model(
+            name, seed_name, kind, shape, tokenizer, peak, results, args.quick, args.full_baseline, args.final
+        )
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

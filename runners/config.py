@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ModelLoadError
 from .table import ServiceSpec
@@ -52,6 +53,11 @@ class RunnerConfig:
     pooling: str | None  # override of the model's own pooling: cls | mean | last
     packed: bool = True  # padding-free forward for architectures that have one (EMBED_PACKED=0 turns it off)
     compile: str = "auto"  # torch.compile the packed layers: auto (on GPUs) | 1 | 0
+
+    def compiles_on(self, device: Any) -> bool:
+        """EMBED_COMPILE: 1 always, 0 never, auto on GPUs only (compiling costs start-up time; the fused
+        kernels pay off on a GPU)."""
+        return self.compile in ("1", "true", "yes", "on") or (self.compile == "auto" and device.type == "cuda")
 
     @classmethod
     def from_env(cls, spec: ServiceSpec) -> RunnerConfig:

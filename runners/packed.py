@@ -14,6 +14,7 @@ Hugging Face's own forward.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .fp8 import Fp8Linear, Fp8Weight, fp8_linear
+
+log = logging.getLogger(__name__)
 
 
 def supports_packing(model: Any) -> bool:
@@ -35,15 +38,10 @@ def supports_packing(model: Any) -> bool:
 
 
 def packed_forward_for(model: Any, config: Any, device: torch.device) -> PackedQwen3 | None:
-    """The padding-free forward for this model, when its architecture has one and the settings allow it.
-
-    EMBED_PACKED=0 turns it off; EMBED_COMPILE=auto compiles it on GPUs only (compiling costs start-up
-    time, and the fused kernels pay off on a GPU).
-    """
+    """The padding-free forward for this model, when its architecture has one and EMBED_PACKED allows it."""
     if not config.packed or not supports_packing(model):
         return None
-    compile = config.compile in ("1", "true", "yes", "on") or (config.compile == "auto" and device.type == "cuda")
-    return PackedQwen3(model, compile=compile)
+    return PackedQwen3(model, compile=config.compiles_on(device))
 
 
 def right_padded(
@@ -100,6 +98,16 @@ class PackedQwen3:
         if self.compiled:
             self._inputs = torch.compile(_attention_inputs, dynamic=True)
             self._outputs = torch.compile(_attention_output_and_mlp, dynamic=True)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile now, at start-up, not on the first request; a compiler that fails means eager, not a crash.
+        Two texts, not one: a batch of one would be compiled for that size only."""
+        try:
+            self.forward([[1, 2, 3], [4, 5]])
+        except Exception as exc:  # torch.compile raises many kinds of errors
+            log.warning("torch.compile failed (%s: %s); running the packed layers eagerly", type(exc).__name__, exc)
+            self._inputs, self._outputs, self.compiled = _attention_inputs, _attention_output_and_mlp, False
 
     @torch.inference_mode()
     def forward(

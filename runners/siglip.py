@@ -55,6 +55,61 @@ class ImageSettings:
 
 
 @dataclass(frozen=True)
+class FixedSizePixels:
+    """The image processor's own steps for fixed-resolution checkpoints (resize to one size, rescale,
+    normalize), split so that only the resize runs in the decode threads and the float arithmetic
+    runs on the device, for the whole batch at once. Same numbers as the processor's PIL path.
+
+    Used only when the processor does exactly those steps; anything else (NaFlex, crops, padding)
+    goes through the processor itself.
+    """
+
+    width: int
+    height: int
+    resample: int
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> FixedSizePixels | None:
+        config = processor.to_dict()
+        size = config.get("size") or {}
+        plain = (
+            set(size) == {"height", "width"}
+            and all(config.get(step) for step in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
+            and not any(
+                config.get(step) for step in ("do_center_crop", "do_pad", "max_num_patches", "do_reduce_labels")
+            )
+            and len(config.get("image_mean") or ()) == 3
+            and len(config.get("image_std") or ()) == 3
+        )
+        if not plain:
+            return None
+        return cls(
+            width=int(size["width"]),
+            height=int(size["height"]),
+            resample=int(config.get("resample", 3)),
+            rescale_factor=float(config["rescale_factor"]),
+            mean=tuple(config["image_mean"]),
+            std=tuple(config["image_std"]),
+        )
+
+    def resize(self, image: Any) -> torch.Tensor:
+        """RGB picture -> uint8 [1, 3, height, width]."""
+        import numpy as np
+
+        resized = image.resize((self.width, self.height), resample=self.resample)
+        return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).unsqueeze(0)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, 3, h, w] on the device -> float32, rescaled and normalized as the processor does."""
+        mean = torch.tensor(self.mean, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1)
+        return (pixels.float() * self.rescale_factor - mean) / std
+
+
+@dataclass(frozen=True)
 class PreparedImage:
     """One image as the vision tower takes it: the processor's tensors, batch dimension 1."""
 
@@ -90,6 +145,7 @@ class SiglipEmbedder:
         self.dtype = pick_dtype(self.config, self.device)
         self.tokenizer = load_tokenizer(files, self.config)
         self.image_processor = load_image_processor(files, self.config)
+        self.fixed_size = FixedSizePixels.from_processor(self.image_processor)
         self.model = load_pretrained(AutoModel, files, self.config, self.device, self.dtype)
         for needed in ("get_image_features", "get_text_features", "logit_scale", "logit_bias"):
             if not hasattr(self.model, needed):
@@ -99,6 +155,7 @@ class SiglipEmbedder:
                 )
         self.dimension = self._dimension()
         self.max_length = self._max_length()
+        self.compiled = self._compile_vision_tower()
         # SigLIP scores a pair as sigmoid(cosine * scale + bias); the model stores log(scale).
         self.scale = math.exp(float(self.model.logit_scale.detach().float().cpu().reshape(-1)[0]))
         self.bias = float(self.model.logit_bias.detach().float().cpu().reshape(-1)[0])
@@ -127,6 +184,7 @@ class SiglipEmbedder:
             "quantization": self.config.quantization,
             "max_length": self.max_length,
             "truncation": "texts longer than max_length tokens are cut at the end",
+            "compiled": self.compiled,
             "scale": self.scale,
             "bias": self.bias,
             "image_formats": FORMAT_NAMES.split(", "),
@@ -186,6 +244,8 @@ class SiglipEmbedder:
         limits = self.settings.limits
         data = bytes_from_base64(source, limits, param) if isinstance(source, str) else source
         image = open_image(data, limits, param)
+        if self.fixed_size is not None:  # rescale and normalize happen on the device, per batch
+            return PreparedImage({"pixel_values": self.fixed_size.resize(image)})
         inputs = self.image_processor(images=[image], return_tensors="pt")
         return PreparedImage({key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)})
 
@@ -236,17 +296,44 @@ class SiglipEmbedder:
 
     @torch.inference_mode()
     def _forward_images(self, images: list[PreparedImage]) -> torch.Tensor:
+        return self._normalized(self.model.get_image_features(**self.model_inputs(images)))
+
+    def model_inputs(self, images: list[PreparedImage]) -> dict[str, torch.Tensor]:
+        """The vision tower's inputs for a batch of prepared images, on the device."""
         inputs = {}
         for key in images[0].inputs:
             stacked = torch.cat([image.inputs[key] for image in images]).to(self.device)
+            if key == "pixel_values" and stacked.dtype == torch.uint8:
+                assert self.fixed_size is not None
+                stacked = self.fixed_size.normalize(stacked)
             inputs[key] = stacked.to(self.dtype) if stacked.is_floating_point() else stacked
-        return self._normalized(self.model.get_image_features(**inputs))
+        return inputs
 
     @staticmethod
     def _normalized(output: Any) -> torch.Tensor:
         return torch.nn.functional.normalize(features(output).float(), dim=-1).cpu()
 
     # -- start-up decisions ------------------------------------------------------------------------
+
+    def _compile_vision_tower(self) -> bool:
+        """torch.compile the vision tower (it fuses the norms, GELU and residual adds around the matmuls) and
+        compile it now, on two blank images, so the first request does not pay for it. Eager on failure."""
+        if self.fixed_size is None or not self.config.compiles_on(self.device):
+            return False
+        eager = self.model.vision_model
+        self.model.vision_model = torch.compile(eager, dynamic=True)
+        blank = torch.zeros((2, 3, self.fixed_size.height, self.fixed_size.width), dtype=torch.uint8)
+        try:
+            self._forward_images(
+                [PreparedImage({"pixel_values": blank[:1]}), PreparedImage({"pixel_values": blank[1:]})]
+            )
+        except Exception as exc:  # torch.compile raises many kinds of errors
+            log.warning(
+                "torch.compile of the vision tower failed (%s: %s); running it eagerly", type(exc).__name__, exc
+            )
+            self.model.vision_model = eager
+            return False
+        return True
 
     def _dimension(self) -> int:
         config = self.model.config

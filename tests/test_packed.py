@@ -69,3 +69,21 @@ def test_padded_and_packed_embedders_agree(monkeypatch, qwen3_embedding_dir):
     assert torch.allclose(a, b, atol=1e-5)
     packed.close()
     padded.close()
+
+
+def test_compiled_packed_layers_give_the_same_vectors(monkeypatch, qwen3_embedding_dir):
+    """EMBED_COMPILE=1 (the GPU default, auto) compiles the packed layers at start-up; the vectors do not change."""
+    spec = SERVICES["qwen3_8b_embed"]
+    monkeypatch.setenv(spec.model_env, str(qwen3_embedding_dir))
+    monkeypatch.setenv("EMBED_DEVICE", "cpu")
+    monkeypatch.setenv("EMBED_QUANTIZATION", "none")
+    eager = TextEmbedder(spec, RunnerConfig.from_env(spec))
+    monkeypatch.setenv("EMBED_COMPILE", "1")
+    compiled = TextEmbedder(spec, RunnerConfig.from_env(spec))
+    assert compiled.packed.compiled and not eager.packed.compiled
+    texts = ["short", "an orange cat sleeps in the sun " * 6, "yes"]
+    a = torch.tensor(asyncio.run(compiled.embed(texts)))
+    b = torch.tensor(asyncio.run(eager.embed(texts)))
+    assert torch.allclose(a, b, atol=1e-5)
+    compiled.close()
+    eager.close()

@@ -138,12 +138,14 @@ def test_right_padding_even_when_the_tokenizer_says_left(make_siglip, tmp_path):
 
 def test_exif_rotation_turns_the_pixels_fed_to_the_model(make_siglip, siglip_dir):
     embedder = make_siglip(siglip_dir)
+    assert embedder.fixed_size is not None  # a fixed-resolution processor: resize in threads, normalize batched
     _, processor = card_model(siglip_dir)
     upright = quadrants()
     data = exif_rotated(upright, "PNG", orientation=6)
     as_stored = Image.open(io.BytesIO(data)).convert("RGB")  # what a decoder that ignores EXIF would see
-    fed = embedder.prepare_image(data).inputs["pixel_values"]
-    assert torch.equal(fed, processor(images=[upright], return_tensors="pt")["pixel_values"])
+    fed = embedder.model_inputs([embedder.prepare_image(data)])["pixel_values"]
+    # Equal up to float32 rounding: the rescale and normalize run on the device, batched (1 ulp apart).
+    assert torch.allclose(fed, processor(images=[upright], return_tensors="pt")["pixel_values"], atol=1e-6, rtol=0)
     assert not torch.allclose(fed, processor(images=[as_stored], return_tensors="pt")["pixel_values"], atol=0.1)
     ours = torch.tensor(run(embedder.embed_images([data])))
     assert close(ours, reference_images(siglip_dir, [upright]))
@@ -155,7 +157,7 @@ def test_transparent_pixels_reach_the_model_as_white(make_siglip, siglip_dir):
     rgba = np.asarray(transparent_rgba(), dtype=np.float64)
     alpha = rgba[..., 3:] / 255.0
     over_white = np.rint(rgba[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-    fed = embedder.prepare_image(encode(transparent_rgba(), "PNG")).inputs["pixel_values"]
+    fed = embedder.model_inputs([embedder.prepare_image(encode(transparent_rgba(), "PNG"))])["pixel_values"]
     expected = processor(images=[Image.fromarray(over_white)], return_tensors="pt")["pixel_values"]
     assert torch.allclose(fed, expected, atol=2 / 255)  # within one 8-bit step of rounding after normalization
     over_black = np.rint(rgba[..., :3] * alpha).astype(np.uint8)
@@ -276,7 +278,18 @@ def test_naflex_checkpoint(make_siglip, naflex_dir):
     assert type(embedder.model).__name__ == "Siglip2Model"
     images = [quadrants(), Image.new("RGB", (90, 20), (200, 10, 10))]  # two aspect ratios: two patch grids
     prepared = embedder.prepare_image(encode(images[1], "PNG")).inputs
-    assert set(prepared) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}
+    assert set(prepared) == {"pixel_values", "pixel_attention_mask", "spatial_shapes"}  # the processor's own path
+    assert embedder.fixed_size is None
     ours = torch.tensor(run(embedder.embed_images([encode(image, "PNG") for image in images])))
     assert close(ours, reference_images(naflex_dir, images))
     assert close(torch.tensor(run(embedder.embed_texts(TEXTS))), reference_texts(naflex_dir, TEXTS))
+
+
+def test_compiled_vision_tower_gives_the_same_vectors(make_siglip, siglip_dir, monkeypatch):
+    """EMBED_COMPILE=1 (the GPU default, auto) compiles the vision tower at start-up; the vectors do not change."""
+    eager = make_siglip(siglip_dir)
+    monkeypatch.setenv("EMBED_COMPILE", "1")
+    compiled = make_siglip(siglip_dir)
+    assert compiled.compiled and not eager.compiled
+    data = [encode(quadrants(), "PNG"), encode(Image.new("RGB", (90, 20), (200, 10, 10)), "PNG")]
+    assert close(torch.tensor(run(compiled.embed_images(data))), torch.tensor(run(eager.embed_images(data))))
