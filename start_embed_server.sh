@@ -68,10 +68,14 @@ refused=0
 
 stop_started() {
     trap - INT TERM
-    if ((${#started[@]})); then
+    local name running=()
+    for name in "${started[@]}"; do
+        [[ -f "$RUN_DIR/$name.pid" ]] && running+=("$name")
+    done
+    if ((${#running[@]})); then
         echo
-        echo "Stopping the services this run started: ${started[*]}"
-        launcher stop --run-dir "$RUN_DIR" "${started[@]}"
+        echo "Stopping the services this run started: ${running[*]}"
+        launcher stop --run-dir "$RUN_DIR" "${running[@]}"
     fi
 }
 trap 'stop_started; exit 130' INT
