@@ -28,10 +28,7 @@ class Profile:
     quantization: Mapping[str, str] = field(default_factory=dict)
     # Settings a profile forces (the demo profile's bundled weights on CPU).
     env: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def uses_gpu(self) -> bool:
-        return not self.env
+    uses_gpu: bool = True
 
 
 PROFILES: dict[str, Profile] = {
@@ -60,6 +57,7 @@ PROFILES: dict[str, Profile] = {
             ("bge_embed",),
             "the BGE service on the bundled all-MiniLM-L6-v2 weights, on CPU: no GPU, no download",
             env={"BGE_EMBED_MODEL": "demo", "BGE_EMBED_DEVICE": "cpu"},
+            uses_gpu=False,
         ),
     )
 }

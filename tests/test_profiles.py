@@ -267,3 +267,11 @@ def test_log_report_leads_with_the_first_error(tmp_path):
     assert report[0] == f"    first error: {cause}"
     assert report[-1].endswith("RuntimeError: No active process found for watcher.")
     assert len(report) == 2 + launcher.LOG_TAIL_LINES
+
+
+def test_no_names_means_the_default_profile_or_embed_profile(tmp_path):
+    run_dir = str(tmp_path / "run")
+    default = run_launcher("plan", "--run-dir", run_dir, env={"EMBED_PROFILE": ""})
+    assert list(parse_plan(default.stdout)[1]) == list(PROFILES["high"].services)
+    chosen = run_launcher("plan", "--run-dir", run_dir, env={"EMBED_PROFILE": "light"})
+    assert list(parse_plan(chosen.stdout)[1]) == list(PROFILES["light"].services)
