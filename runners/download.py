@@ -1,0 +1,106 @@
+"""Download the services' weights once, into directories the services are then pointed at.
+
+    python -m runners.download qwen3_8b_embed qwen3_8b_rerank --to /models [--source huggingface|modelscope]
+    python -m runners.download --profile high --to /models
+    eval "$(python -m runners.download bge_embed --to /models)"   # sets BGE_EMBED_MODEL
+
+Each model goes to `<DIR>/<repository name>` (e.g. /models/Qwen3-Embedding-8B, the path the
+containers and deploy/ files expect). The hub's own progress bars go to stderr; stdout carries only
+the `export <NAME>_MODEL=...` lines. Z-Image-Turbo is fetched without its diffusion parts: the
+Qwen3-4B services read only its text_encoder/ and tokenizer/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .profiles import PROFILES
+from .table import SERVICES, ServiceSpec
+
+SOURCES = ("huggingface", "modelscope")
+DEFAULT_SOURCE = "huggingface"
+
+
+def model_dir_name(spec: ServiceSpec) -> str:
+    """The directory a service's weights are downloaded to (and mounted at, in containers)."""
+    return spec.default_model.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class Download:
+    repo_id: str
+    local_dir: Path
+    services: list[ServiceSpec] = field(default_factory=list)
+
+
+def plan(names: Iterable[str], to: Path) -> list[Download]:
+    """One download per repository: the two Qwen3-4B services share Z-Image-Turbo."""
+    downloads: dict[str, Download] = {}
+    for name in names:
+        spec = SERVICES[name]
+        item = downloads.setdefault(spec.default_model, Download(spec.default_model, to / model_dir_name(spec)))
+        if spec not in item.services:
+            item.services.append(spec)
+    return list(downloads.values())
+
+
+def fetch(source: str, repo_id: str, local_dir: Path, ignore_patterns: list[str]) -> Path:
+    """The one call that reaches a hub (tests replace it). Both hubs resume partial downloads."""
+    if source == "modelscope":
+        try:
+            from modelscope import snapshot_download as modelscope_download
+        except ImportError:
+            raise SystemExit("--source modelscope needs the ModelScope client: pip install modelscope") from None
+        return Path(modelscope_download(repo_id, local_dir=str(local_dir), ignore_patterns=ignore_patterns))
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, local_dir=str(local_dir), ignore_patterns=ignore_patterns))
+
+
+def export_lines(downloads: list[Download], paths: list[Path]) -> list[str]:
+    return [
+        f"export {spec.model_env}={shlex.quote(str(path))}"
+        for item, path in zip(downloads, paths, strict=True)
+        for spec in item.services
+    ]
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m runners.download",
+        description="Download the weights of the named services (or of a profile) and print the "
+        "`export <NAME>_MODEL=...` lines that point the services at them.",
+    )
+    parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"one of: {', '.join(SERVICES)}")
+    parser.add_argument("--profile", choices=[name for name, p in PROFILES.items() if p.uses_gpu])
+    parser.add_argument("--to", type=Path, required=True, metavar="DIR", help="where the model directories go")
+    parser.add_argument("--source", choices=SOURCES, default=DEFAULT_SOURCE, help=f"default: {DEFAULT_SOURCE}")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    unknown = [name for name in args.services if name not in SERVICES]
+    if unknown:
+        parser.error(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    names = list(args.services) + (list(PROFILES[args.profile].services) if args.profile else [])
+    if not names:
+        parser.error("name at least one service, or a --profile")
+
+    from .loading import _HUB_IGNORE  # (imports torch: only once there is something to download)
+
+    to = args.to.expanduser().resolve()
+    to.mkdir(parents=True, exist_ok=True)
+    downloads = plan(names, to)
+    paths = []
+    for number, item in enumerate(downloads, 1):
+        print(f"[{number}/{len(downloads)}] {item.repo_id} -> {item.local_dir} ({args.source})", file=sys.stderr)
+        paths.append(fetch(args.source, item.repo_id, item.local_dir, list(_HUB_IGNORE)))
+    print("\n".join(export_lines(downloads, paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

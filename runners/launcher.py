@@ -1,0 +1,399 @@
+"""What `start_embed_server.sh` asks Python: the plan, the wait for /health, status and stop.
+
+The shell script only starts `bentoml serve` processes; everything it needs to know (classes,
+ports, profiles, the memory estimate) and everything that decides whether a process is one it
+started comes from here, so nothing is written down twice.
+
+    python -m runners.launcher plan   --run-dir D [--profile NAME | SERVICE...]
+    python -m runners.launcher wait   --run-dir D --log-dir L --timeout S SERVICE...
+    python -m runners.launcher status --run-dir D --log-dir L
+    python -m runners.launcher stop   --run-dir D [SERVICE...]
+
+A service the script started has a PID file `<run dir>/<seed name>.pid` holding "pid class port";
+it is ours only while that pid still runs `bentoml serve service:<class> --port <port>`, so a pid
+the system has reused for something else is never signalled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .profiles import (
+    DEFAULT_PROFILE,
+    PROFILES,
+    describe_estimate,
+    estimate_weights,
+    free_gpu_memory,
+    memory_warnings,
+    per_gpu,
+    profile_env,
+    profile_for,
+    service_port,
+)
+from .table import SERVICES, spec_for
+
+LOG_TAIL_LINES = 25
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b[^:]*: ")
+
+
+def say(*lines: str) -> None:
+    """Messages for the person at the terminal (stdout of plan is for the script)."""
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+# -- which processes are ours -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    seed_name: str
+    pid: int
+    class_name: str
+    port: int
+
+
+def pid_file(run_dir: Path, seed_name: str) -> Path:
+    return run_dir / f"{seed_name}.pid"
+
+
+def read_record(run_dir: Path, seed_name: str) -> Record | None:
+    try:
+        pid, class_name, port = pid_file(run_dir, seed_name).read_text().split()
+        return Record(seed_name, int(pid), class_name, int(port))
+    except (OSError, ValueError):
+        return None
+
+
+def records(run_dir: Path) -> list[Record]:
+    """Every PID file in the run directory, in table order."""
+    found = [read_record(run_dir, name) for name in SERVICES]
+    return [record for record in found if record is not None]
+
+
+def command_line(pid: int) -> str | None:
+    """The command line of a live process; None once it is gone (a zombie has none)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    try:  # no /proc (macOS)
+        out = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def is_ours(record: Record) -> bool:
+    """Is this pid still the `bentoml serve` the script started for this record?"""
+    line = command_line(record.pid)
+    if line is None or "<defunct>" in line:
+        return False
+    words = line.split()
+    if "serve" not in words or f"service:{record.class_name}" not in words or "bentoml" not in line:
+        return False
+    try:
+        return words[words.index("--port") + 1] == str(record.port)
+    except (ValueError, IndexError):
+        return False
+
+
+def alive(pid: int) -> bool:
+    """Does the process exist (zombies do not count)? Used while a service starts, when its command line
+    may still be the shell's for an instant; `is_ours` is the check before anything is signalled."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (BentoML's workers run in process groups of their own)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_record(record: Record, grace: float) -> str:
+    """SIGTERM `bentoml serve` (it stops its workers), SIGKILL it and its workers if they outlive `grace`."""
+    if not is_ours(record):
+        return f"{record.seed_name}: pid {record.pid} is not a service this script started (gone); nothing to stop"
+    tree = [record.pid, *descendants(record.pid)]
+    try:
+        os.kill(record.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return f"{record.seed_name}: already gone"
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not any(alive(pid) for pid in tree):
+            return f"stopped {record.seed_name} (pid {record.pid})"
+        time.sleep(0.2)
+    for pid in tree:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return f"killed {record.seed_name} (pid {record.pid}): it did not stop within {grace:.0f}s of SIGTERM"
+
+
+# -- talking to a service ---------------------------------------------------------------------------
+
+
+def get_health(port: int, timeout: float = 2.0) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as response:
+            if response.status != 200:
+                return None
+            body = json.loads(response.read().decode())
+            return body if isinstance(body, dict) else {}
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def log_report(log_path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The first error in a log (usually the cause: later ones are its consequences), then the log's tail."""
+    try:
+        text = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return [f"    (no log at {log_path})"]
+    report = []
+    first_error = next((line for line in text if _ERROR_LINE.match(line)), None)
+    if first_error:
+        report.append(f"    first error: {first_error}")
+    report.append(f"    last {min(lines, len(text))} lines of {log_path}:")
+    report.extend(f"    | {line}" for line in text[-lines:])
+    return report
+
+
+def table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+
+    return [line(header), line(["-" * width for width in widths]), *(line(row) for row in rows)]
+
+
+SERVICE_HEADER = ["service", "port", "model", "device", "quantization", "URL"]
+
+
+def service_row(seed_name: str, port: int, health: dict[str, Any]) -> list[str]:
+    return [
+        seed_name,
+        str(port),
+        str(health.get("model", "-")),
+        str(health.get("device", "-")),
+        str(health.get("quantization", "-")),
+        f"http://localhost:{port}",
+    ]
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+
+def chosen_services(profile_name: str | None, names: list[str]) -> tuple[str | None, list[str]]:
+    if profile_name and names:
+        raise SystemExit("give either --profile NAME or service names, not both")
+    if names:
+        unknown = [name for name in names if name not in SERVICES]
+        if unknown:
+            raise SystemExit(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+        return None, list(dict.fromkeys(names))
+    profile_name = profile_name or os.environ.get("EMBED_PROFILE", "").strip() or DEFAULT_PROFILE
+    if profile_name not in PROFILES:
+        raise SystemExit(f"unknown profile {profile_name!r}; known: {', '.join(PROFILES)}")
+    return profile_name, list(profile_for(profile_name).services)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print `env KEY VALUE` and `service NAME CLASS PORT STATE` lines (tab-separated) for the script."""
+    profile_name, names = chosen_services(args.profile, args.services)
+    profile = profile_for(profile_name) if profile_name else None
+    env = profile_env(profile, os.environ)
+    os.environ.update(env)  # what the services will see, for the estimate below
+    if profile:
+        say(f"profile {profile.name}: {profile.description}")
+    for key, value in env.items():
+        print(f"env\t{key}\t{value}")
+
+    estimates = estimate_weights(names)
+    totals = per_gpu(estimates)
+    if totals:
+        say(*describe_estimate(estimates))
+        say(*(f"WARNING: {warning}" for warning in memory_warnings(totals, free_gpu_memory())))
+
+    for name in names:
+        spec = spec_for(name)
+        try:
+            port = service_port(spec)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        record = read_record(args.run_dir, name)
+        if record is not None and is_ours(record):
+            say(f"{name} is already running (pid {record.pid}, port {record.port}); leaving it as it is")
+            print(f"service\t{name}\t{record.class_name}\t{record.port}\trunning")
+            continue
+        if record is not None:
+            pid_file(args.run_dir, name).unlink(missing_ok=True)  # stale: its process is gone
+        if port_in_use(port):
+            say(f"FAILED {name}: port {port} is in use by a program this script did not start; not starting it")
+            print(f"service\t{name}\t{spec.class_name}\t{port}\tbusy")
+            continue
+        print(f"service\t{name}\t{spec.class_name}\t{port}\tstart")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait until every service answers /health or its process is gone; report both, then print the table."""
+    pending = {name: read_record(args.run_dir, name) for name in args.services}
+    healthy: dict[str, tuple[Record, dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
+    for name, record in list(pending.items()):
+        if record is None:
+            failed[name] = "no PID file: it was not started"
+            del pending[name]
+    started_at = time.monotonic()
+    next_note = started_at + 15
+    while pending:
+        for name, record in list(pending.items()):
+            assert record is not None
+            health = get_health(record.port)
+            if health is not None:
+                healthy[name] = (record, health)
+                del pending[name]
+            elif not alive(record.pid):
+                failed[name] = "its process exited"
+                pid_file(args.run_dir, name).unlink(missing_ok=True)
+                del pending[name]
+        now = time.monotonic()
+        if pending and now - started_at > args.timeout:
+            break
+        if pending and now >= next_note:
+            print(f"  still loading after {now - started_at:.0f}s: {', '.join(pending)}", flush=True)
+            next_note = now + 15
+        if pending:
+            time.sleep(0.5)
+
+    for name, reason in failed.items():
+        print(f"FAILED {name}: {reason}")
+        print("\n".join(log_report(args.log_dir / f"{name}.log")))
+    for name in pending:
+        print(f"NOT READY {name}: no answer on /health after {args.timeout:.0f}s; it keeps loading")
+        print(f"    follow it with: tail -f {args.log_dir / f'{name}.log'}")
+    if healthy:
+        rows = [service_row(name, record.port, health) for name, (record, health) in healthy.items()]
+        print()
+        print("\n".join(table(rows, SERVICE_HEADER)))
+    return 0 if not failed and not pending else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    found = records(args.run_dir)
+    if not found:
+        print(f"no services started by start_embed_server.sh (no PID files in {args.run_dir})")
+        return 1
+    rows = []
+    all_up = True
+    for record in found:
+        if not is_ours(record):
+            state, health = f"exited (see {args.log_dir / f'{record.seed_name}.log'})", {}
+        else:
+            health = get_health(record.port)
+            state = "running" if health is not None else "starting (no /health yet)"
+        all_up = all_up and state == "running"
+        rows.append([*service_row(record.seed_name, record.port, health or {}), state, str(record.pid)])
+    print("\n".join(table(rows, [*SERVICE_HEADER, "state", "pid"])))
+    return 0 if all_up else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    unknown = [name for name in args.services if name not in SERVICES]
+    if unknown:
+        raise SystemExit(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    chosen = [r for r in records(args.run_dir) if not args.services or r.seed_name in args.services]
+    if not chosen:
+        print("nothing to stop: no service started by start_embed_server.sh is recorded")
+    for record in chosen:
+        print(stop_record(record, args.grace), flush=True)
+        pid_file(args.run_dir, record.seed_name).unlink(missing_ok=True)
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runners.launcher", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser("plan", help="what to start (for start_embed_server.sh)")
+    plan.add_argument("--profile", choices=list(PROFILES))
+    plan.add_argument("services", nargs="*")
+
+    wait = commands.add_parser("wait", help="wait for /health, report failures, print the table")
+    wait.add_argument("--log-dir", type=Path, required=True)
+    wait.add_argument("--timeout", type=float, default=1800)
+    wait.add_argument("services", nargs="+")
+
+    status = commands.add_parser("status", help="the services the script started, and their state")
+    status.add_argument("--log-dir", type=Path, default=Path("logs"))
+
+    stop = commands.add_parser("stop", help="stop the services the script started (all, or those named)")
+    stop.add_argument("--grace", type=float, default=30, help="seconds between SIGTERM and SIGKILL")
+    stop.add_argument("services", nargs="*")
+
+    for sub in (plan, wait, status, stop):
+        sub.add_argument("--run-dir", type=Path, required=True)
+
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    handlers = {"plan": cmd_plan, "wait": cmd_wait, "status": cmd_status, "stop": cmd_stop}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        # Die of SIGINT, so that the calling shell sees a Ctrl-C and runs its trap.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

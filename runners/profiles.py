@@ -1,0 +1,203 @@
+"""Start-up profiles (which services run together) and their GPU-memory estimate, as data.
+
+The profiles follow the seed's "24GB 显存推荐配置" table. SigLIP2 is in every GPU profile: an
+image-management system always needs its image embeddings, and it costs ~2.3 GB.
+`start_embed_server.sh` reads everything from here through `python -m runners.launcher`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .config import QUANTIZATIONS, setting
+from .table import SERVICES, ServiceSpec, spec_for
+
+# Bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1 byte per parameter).
+BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "int8": 1.0, "fp8": 1.0, "nf4": 0.5}
+assert set(BYTES_PER_PARAM) == set(QUANTIZATIONS)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    services: tuple[str, ...]
+    description: str
+    # Quantization a profile asks for; the user's <NAME>_QUANTIZATION / EMBED_QUANTIZATION still wins.
+    quantization: Mapping[str, str] = field(default_factory=dict)
+    # Settings a profile forces (the demo profile's bundled weights on CPU).
+    env: Mapping[str, str] = field(default_factory=dict)
+    uses_gpu: bool = True
+
+
+PROFILES: dict[str, Profile] = {
+    profile.name: profile
+    for profile in (
+        Profile(
+            "high",
+            ("siglip2_embed", "qwen3_8b_embed", "qwen3_8b_rerank"),
+            "高精度: SigLIP2 + Qwen3-Embedding-8B (int8) + Qwen3-Reranker-8B (int8)",
+            quantization={"qwen3_8b_embed": "int8", "qwen3_8b_rerank": "int8"},
+        ),
+        Profile(
+            "balanced",
+            ("siglip2_embed", "qwen3_8b_embed", "qwen3_4b_rerank"),
+            "平衡: SigLIP2 + Qwen3-Embedding-8B (int8) + Qwen3-4B reranker (int8, the seed's ~4 GB)",
+            quantization={"qwen3_8b_embed": "int8", "qwen3_4b_rerank": "int8"},
+        ),
+        Profile(
+            "light",
+            ("siglip2_embed", "qwen3_4b_embed", "qwen3_4b_rerank"),
+            "轻量: SigLIP2 + Qwen3-4B embeddings + Qwen3-4B reranker (both on Z-Image-Turbo's text encoder)",
+        ),
+        Profile("all", tuple(SERVICES), "all six services, with the table's quantization"),
+        Profile(
+            "demo",
+            ("bge_embed",),
+            "the BGE service on the bundled all-MiniLM-L6-v2 weights, on CPU: no GPU, no download",
+            env={"BGE_EMBED_MODEL": "demo", "BGE_EMBED_DEVICE": "cpu"},
+            uses_gpu=False,
+        ),
+    )
+}
+DEFAULT_PROFILE = "high"
+
+
+def profile_for(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}") from None
+
+
+def profile_env(profile: Profile | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables to export for a profile: its forced settings, and its quantization where the user set none."""
+    if profile is None:
+        return {}
+    env = dict(profile.env)
+    for seed_name, quantization in profile.quantization.items():
+        spec = spec_for(seed_name)
+        if not environ.get(spec.quantization_env, "").strip() and not environ.get("EMBED_QUANTIZATION", "").strip():
+            env[spec.quantization_env] = quantization
+    return env
+
+
+def service_port(spec: ServiceSpec, environ: Mapping[str, str] | None = None) -> int:
+    """The table's port, unless `<NAME>_PORT` moves it (no EMBED_PORT: six services cannot share one)."""
+    raw = (environ if environ is not None else os.environ).get(f"{spec.env_prefix}_PORT", "").strip()
+    if not raw:
+        return spec.port
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"{spec.env_prefix}_PORT={raw!r} is not a port number")
+    return int(raw)
+
+
+# -- GPU memory -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightEstimate:
+    seed_name: str
+    quantization: str
+    device: str  # "cpu", or the GPU index as a string
+    gigabytes: float  # 10**9 bytes, as the seed counts
+
+
+def estimate_weights(seed_names: list[str]) -> list[WeightEstimate]:
+    """Weights in memory for each service, by the quantization and device the environment gives it
+    (activations and the CUDA context come on top)."""
+    estimates = []
+    for seed_name in seed_names:
+        spec = spec_for(seed_name)
+        quantization = (setting(spec, "QUANTIZATION", spec.default_quantization) or "none").lower()
+        device = (setting(spec, "DEVICE", "auto") or "auto").lower()
+        gigabytes = spec.params_billion * BYTES_PER_PARAM.get(quantization, BYTES_PER_PARAM["none"])
+        estimates.append(WeightEstimate(seed_name, quantization, _gpu_index(device), gigabytes))
+    return estimates
+
+
+def _gpu_index(device: str) -> str:
+    if device in ("auto", "cuda"):
+        return "0"  # where torch puts an unindexed "cuda" (and "auto" on a GPU box)
+    if device.startswith("cuda:"):
+        return device.removeprefix("cuda:")
+    return "cpu"
+
+
+def per_gpu(estimates: list[WeightEstimate]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for estimate in estimates:
+        if estimate.device != "cpu":
+            totals[estimate.device] = totals.get(estimate.device, 0.0) + estimate.gigabytes
+    return totals
+
+
+def memory_warnings(totals: dict[str, float], free_bytes: dict[str, int]) -> list[str]:
+    """One warning per GPU whose estimated weights exceed its free memory; GPUs we know nothing of are skipped."""
+    warnings = []
+    for index, needed in sorted(totals.items()):
+        free = free_bytes.get(index)
+        if free is not None and needed * 1e9 > free:
+            warnings.append(
+                f"GPU {index}: the weights alone need ~{needed:.1f} GB, but only {free / 1e9:.1f} GB is free. "
+                "Pick a lighter profile, quantize (<NAME>_QUANTIZATION=int8|nf4), or move a service "
+                "with <NAME>_DEVICE=cuda:N."
+            )
+    return warnings
+
+
+def free_gpu_memory() -> dict[str, int]:
+    """Free bytes per GPU index as torch numbers them; {} when no GPU (or no way to ask) is found."""
+    free = _free_from_nvidia_smi(os.environ)
+    return free if free is not None else _free_from_torch()
+
+
+def _free_from_nvidia_smi(environ: Mapping[str, str]) -> dict[str, int] | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    physical: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            physical[parts[0]] = int(parts[1]) * 1024 * 1024  # MiB
+    # nvidia-smi numbers GPUs physically; torch renumbers the ones CUDA_VISIBLE_DEVICES lists.
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return physical
+    ids = [item.strip() for item in visible.split(",") if item.strip()]
+    if not all(item.isdigit() for item in ids):
+        return None  # UUIDs: let torch answer
+    return {str(logical): physical[item] for logical, item in enumerate(ids) if item in physical}
+
+
+def _free_from_torch() -> dict[str, int]:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        return {str(index): torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())}
+    except Exception:  # no torch, a broken driver: no estimate to compare with, and no reason to stop
+        return {}
+
+
+def describe_estimate(estimates: list[WeightEstimate]) -> list[str]:
+    lines = []
+    for index, total in sorted(per_gpu(estimates).items()):
+        parts = ", ".join(f"{e.seed_name} {e.gigabytes:.1f} ({e.quantization})" for e in estimates if e.device == index)
+        lines.append(f"GPU {index}: ~{total:.1f} GB of weights: {parts}")
+    return lines

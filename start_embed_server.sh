@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# One-click start of the embedding and reranking services (see README, "One-click start").
+#
+#   ./start_embed_server.sh                        the default profile (high, or $EMBED_PROFILE)
+#   ./start_embed_server.sh --profile demo         a profile: high, balanced, light, all, demo
+#   ./start_embed_server.sh qwen3_8b_embed bge_embed   the services named
+#   ./start_embed_server.sh ... --detach           start, wait for /health, return (services keep running)
+#   ./start_embed_server.sh status | stop [NAME...]
+#
+# Services, ports, classes, profiles and the memory estimate come from runners/ through
+# `python -m runners.launcher`; this script only starts `bentoml serve` processes. Ctrl-C stops
+# the services this run started, and nothing else.
+set -uo pipefail
+
+REPO="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+cd "$REPO" || exit 1
+PYTHON="${EMBED_PYTHON:-$(command -v python || command -v python3)}"
+LOG_DIR="${EMBED_LOG_DIR:-$REPO/logs}"
+RUN_DIR="${EMBED_RUN_DIR:-$REPO/.run}"
+START_TIMEOUT="${EMBED_START_TIMEOUT:-1800}"
+
+launcher() { "$PYTHON" -m runners.launcher "$@"; }
+
+usage() {
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+# A session of its own per service, so that a Ctrl-C at this terminal reaches this script only.
+# `exec`: the pid `$!` names is then bentoml's own, not a subshell's.
+detached() {
+    if command -v setsid >/dev/null 2>&1; then
+        exec setsid "$@"
+    else
+        exec "$PYTHON" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+    fi
+}
+
+command="start"
+case "${1:-}" in
+    start | stop | status) command="$1"; shift ;;
+esac
+profile=""
+detach=0
+names=()
+while (($#)); do
+    case "$1" in
+        --profile) profile="${2:?--profile needs a name}"; shift 2 ;;
+        --profile=*) profile="${1#*=}"; shift ;;
+        -d | --detach) detach=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        -*) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
+        *) names+=("$1"); shift ;;
+    esac
+done
+
+case "$command" in
+    stop) launcher stop --run-dir "$RUN_DIR" "${names[@]}"; exit $? ;;
+    status) launcher status --run-dir "$RUN_DIR" --log-dir "$LOG_DIR"; exit $? ;;
+esac
+
+mkdir -p "$LOG_DIR" "$RUN_DIR"
+plan="$(launcher plan --run-dir "$RUN_DIR" ${profile:+--profile "$profile"} "${names[@]}")" || exit $?
+
+started=()          # what this run started: the only services Ctrl-C stops
+declare -A pid_of=()
+waiting=()
+refused=0
+
+stop_started() {
+    trap - INT TERM
+    local name running=()
+    for name in "${started[@]}"; do
+        [[ -f "$RUN_DIR/$name.pid" ]] && running+=("$name")
+    done
+    if ((${#running[@]})); then
+        echo
+        echo "Stopping the services this run started: ${running[*]}"
+        launcher stop --run-dir "$RUN_DIR" "${running[@]}"
+    fi
+}
+trap 'stop_started; exit 130' INT
+trap 'stop_started; exit 143' TERM
+
+while IFS=$'\t' read -r kind name class port state; do
+    case "$kind" in
+        env) export "$name=$class" ;;  # env KEY VALUE
+        service)
+            case "$state" in
+                start)
+                    log="$LOG_DIR/$name.log"
+                    echo "starting $name: bentoml serve service:$class --port $port  (log: $log)"
+                    # BENTOML_CONTAINERIZED: BentoML does not respawn a worker that dies, so a service
+                    # whose model cannot load exits (and is reported) instead of restarting forever.
+                    BENTOML_CONTAINERIZED=true detached "$PYTHON" -m bentoml serve "service:$class" --port "$port" \
+                        >"$log" 2>&1 </dev/null &
+                    pid_of[$name]=$!
+                    printf '%s %s %s\n' "$!" "$class" "$port" >"$RUN_DIR/$name.pid"
+                    started+=("$name")
+                    waiting+=("$name")
+                    ;;
+                running) waiting+=("$name") ;;
+                *) refused=1 ;;  # port taken by something else: the plan said so
+            esac
+            ;;
+    esac
+done <<<"$plan"
+
+if ((${#waiting[@]} == 0)); then
+    echo "nothing was started" >&2
+    exit 1
+fi
+echo "waiting for /health of: ${waiting[*]}"
+launcher wait --run-dir "$RUN_DIR" --log-dir "$LOG_DIR" --timeout "$START_TIMEOUT" "${waiting[@]}"
+status=$?
+((refused)) && status=1
+
+alive=()
+for name in "${started[@]}"; do
+    [[ -f "$RUN_DIR/$name.pid" ]] && alive+=("$name")
+done
+if ((detach)) || ((${#alive[@]} == 0)); then
+    ((${#alive[@]})) && echo "Running in the background; ./start_embed_server.sh status | stop"
+    exit "$status"
+fi
+
+echo "Press Ctrl-C to stop the services this run started (${alive[*]})."
+while ((${#alive[@]})); do
+    wait -n 2>/dev/null
+    still=()
+    for name in "${alive[@]}"; do
+        if kill -0 "${pid_of[$name]}" 2>/dev/null; then
+            still+=("$name")
+        else
+            echo "$name exited; the end of $LOG_DIR/$name.log:"
+            tail -n 20 "$LOG_DIR/$name.log" | sed 's/^/    | /'
+            rm -f "$RUN_DIR/$name.pid"
+        fi
+    done
+    alive=("${still[@]}")
+done
+exit 1

