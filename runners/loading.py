@@ -180,12 +180,25 @@ def load_pretrained(
 def load_tokenizer(files: ModelFiles, config: RunnerConfig) -> Any:
     from transformers import AutoTokenizer
 
+    return _load_part(AutoTokenizer, "the tokenizer", files.tokenizer_dir, files, config)
+
+
+def load_image_processor(files: ModelFiles, config: RunnerConfig) -> Any:
+    """The checkpoint's own image processor (preprocessor_config.json): resize, rescale, normalize."""
+    from transformers import AutoImageProcessor
+
+    return _load_part(AutoImageProcessor, "the image processor", files.model_dir, files, config,
+                      hint="; an image model needs its preprocessor_config.json")  # fmt: skip
+
+
+def _load_part(auto_class: Any, what: str, directory: Path, files: ModelFiles, config: RunnerConfig,
+               hint: str = "") -> Any:  # fmt: skip
     try:
-        return AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+        return auto_class.from_pretrained(str(directory))
     except Exception as exc:
         raise ModelLoadError(
-            f"{config.model_env}={str(files.root)!r}: could not load the tokenizer from {files.tokenizer_dir} "
-            f"({type(exc).__name__}: {exc})"
+            f"{config.model_env}={str(files.root)!r}: could not load {what} from {directory} "
+            f"({type(exc).__name__}: {exc}){hint}"
         ) from None
 
 
@@ -198,16 +211,3 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-
-
-def load_image_processor(files: ModelFiles, config: RunnerConfig) -> Any:
-    """The checkpoint's own image processor (preprocessor_config.json): resize, rescale, normalize."""
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(str(files.model_dir))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{config.model_env}={str(files.root)!r}: could not load the image processor from {files.model_dir} "
-            f"({type(exc).__name__}: {exc}); an image model needs its preprocessor_config.json"
-        ) from None
