@@ -16,6 +16,8 @@ from test_embedding_recipes import qwen3_embedding_reference
 from test_siglip import reference_texts
 from transformers import AutoTokenizer
 
+from embed_client import EmbedClient, Unauthorized
+
 pytestmark = pytest.mark.serve
 
 API_KEY = "s3cret-key-for-tests"
@@ -274,3 +276,29 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 100, 0)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# -- embed_client on the same servers: an API key, and images ---------------------------------------------
+
+
+def test_embed_client_sends_the_api_key(qwen3_8b, qwen3_embedding_dir):
+    with EmbedClient(qwen3_8b.url, api_key=API_KEY) as client:
+        vector = client.get_embedding("一只可爱的猫", dimensions=32)
+    expected = F.normalize(qwen3_embedding_reference(qwen3_embedding_dir, ["一只可爱的猫"])[:, :32], dim=1)[0]
+    assert torch.allclose(torch.tensor(vector), expected, atol=1e-5)
+    with EmbedClient(qwen3_8b.url) as keyless, pytest.raises(Unauthorized):
+        keyless.get_embedding("cat")
+
+
+def test_embed_client_embeds_images(siglip, siglip_dir, tmp_path):
+    from PIL import Image
+    from test_siglip import reference_images
+
+    path = tmp_path / "orange.png"
+    path.write_bytes(_png())
+    with EmbedClient(siglip.url) as client:
+        from_path = client.embed_image(path)
+        from_bytes = client.embed_images([_png(), path.read_bytes()])
+    expected = reference_images(siglip_dir, [Image.open(path).convert("RGB")])[0]
+    assert torch.allclose(torch.tensor(from_path), expected, atol=1e-5)
+    assert torch.allclose(torch.tensor(from_bytes), expected.expand(2, -1), atol=1e-5)
