@@ -217,9 +217,12 @@ def test_wrong_or_missing_key_gets_401_and_no_model_work(qwen3_8b):
     assert authorized(qwen3_8b, "POST", "/embed/text", json={"text": "cat"}).status_code == 200
 
 
-def test_probes_stay_open(qwen3_8b):
+def test_probes_and_cors_preflights_need_no_key(qwen3_8b):
     for path in ("/health", "/livez", "/readyz", "/healthz"):
         assert qwen3_8b.get(path).status_code == 200, path
+    preflight_headers = {"Origin": "http://app", "Access-Control-Request-Method": "POST"}
+    preflight = qwen3_8b.client.options("/v1/embeddings", headers=preflight_headers)
+    assert preflight.status_code != 401  # browsers send preflights without credentials (405 here: CORS is off)
 
 
 def test_openai_client_with_a_wrong_key_raises_authentication_error(qwen3_8b):
