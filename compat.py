@@ -319,12 +319,15 @@ class ApiKeyAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             self.key is None
-            or scope["type"] != "http"
+            or scope["type"] not in ("http", "websocket")  # lifespan events
             or scope["path"] in OPEN_PATHS
             or scope.get("method") == "OPTIONS"
             or self.authorized(Headers(scope=scope).get("authorization", ""))
         ):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # none are served today; refuse the handshake all the same
+            await send({"type": "websocket.close", "code": 1008})
             return
         response = JSONResponse(
             {"error": "missing or wrong API key: send the header `Authorization: Bearer <key>`"},
