@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import compat
 from runners.errors import InputError, Overloaded
 from runners.table import SERVICES, ServiceSpec
 
@@ -338,10 +339,27 @@ async def _health(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().health())
 
 
+def with_batch_metrics(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None]:
+    """After the kind's __init__ has built the runner, its queue reports to the project's Prometheus metrics
+    (created here, in the worker, once BentoML has set up multiprocess metrics)."""
+
+    @functools.wraps(init)
+    def __init__(self: t.Any) -> None:
+        init(self)
+        from runners.metrics import PrometheusBatchMetrics
+
+        self.engine.batcher.observer = PrometheusBatchMetrics(self.spec.seed_name)
+
+    return __init__
+
+
 def build_service(spec: ServiceSpec) -> t.Any:
     """One BentoML service for one table row: GPU declared, one worker (one copy of the model per GPU)."""
+    base = KIND_BASES[spec.kind]
     inner = type(
-        spec.class_name, (KIND_BASES[spec.kind],), {"spec": spec, "__module__": __name__, "__doc__": spec.title}
+        spec.class_name,
+        (base,),
+        {"spec": spec, "__module__": __name__, "__doc__": spec.title, "__init__": with_batch_metrics(base.__init__)},
     )
     svc = bentoml.service(
         name=spec.seed_name,
@@ -352,6 +370,11 @@ def build_service(spec: ServiceSpec) -> t.Any:
     )(inner)
     # BentoML's own routes are POST-only; a small mounted app answers GET /health.
     svc.mount_asgi_app(Starlette(routes=[Route("/health", _health, methods=["GET"])]), path="/", name="health")
+    # The OpenAI / Cohere-compatible routes (compat.py), their error shape, and the optional API key
+    # (middleware added first wraps the later ones: the key check's 401 is reshaped on /v1 too).
+    svc.mount_asgi_app(compat.protocol_app(spec), path="/", name="protocols")
+    svc.add_asgi_middleware(compat.ProtocolErrors)
+    svc.add_asgi_middleware(compat.ApiKeyAuth, spec=spec)
     return svc
 
 

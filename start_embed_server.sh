@@ -91,7 +91,10 @@ while IFS=$'\t' read -r kind name class port state; do
                     echo "starting $name: bentoml serve service:$class --port $port  (log: $log)"
                     # BENTOML_CONTAINERIZED: BentoML does not respawn a worker that dies, so a service
                     # whose model cannot load exits (and is reported) instead of restarting forever.
-                    BENTOML_CONTAINERIZED=true detached "$PYTHON" -m bentoml serve "service:$class" --port "$port" \
+                    # BENTOML_HOME per service: BentoML keeps its Prometheus files there, and a server
+                    # that starts empties them, which would wipe the metrics of the services before it.
+                    BENTOML_CONTAINERIZED=true BENTOML_HOME="$RUN_DIR/bentoml-home/$name" \
+                        detached "$PYTHON" -m bentoml serve "service:$class" --port "$port" \
                         >"$log" 2>&1 </dev/null &
                     pid_of[$name]=$!
                     printf '%s %s %s\n' "$!" "$class" "$port" >"$RUN_DIR/$name.pid"

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -75,13 +75,16 @@ def run_splitting_on_oom(run: Callable[[list[int]], list[Result]], indices: list
 
 @dataclass
 class BatchStats:
-    """Counters the metrics endpoint reads."""
+    """Counters that /health and the tests read."""
 
     batches: int = 0
     items: int = 0
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)  # the last few, for /health and tests
+    forward_passes: int = 0
+    tokens: int = 0  # real tokens through the model
+    padded_tokens: int = 0  # token positions the model computed, padding included
 
     def record(self, size: int, queued: float, computed: float) -> None:
         self.batches += 1
@@ -89,6 +92,16 @@ class BatchStats:
         self.queue_seconds += queued
         self.compute_seconds += computed
         self.batch_sizes = [*self.batch_sizes[-63:], size]
+
+
+class BatchObserver(Protocol):
+    """Told about every round and every forward pass (the service turns this into Prometheus metrics)."""
+
+    def round_done(self, items: int, queued_seconds: Sequence[float], compute_seconds: float) -> None:
+        """One round taken from the queue: its size, each request's wait, and the time the model took."""
+
+    def forward_done(self, kind: str, items: int, tokens: int, padded_tokens: int) -> None:
+        """One forward pass over `items` inputs of one kind ("text", "pair", "image")."""
 
 
 @dataclass
@@ -113,6 +126,23 @@ class Batcher(Generic[Item, Result]):
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self.stats = BatchStats()
+        self.observer: BatchObserver | None = None
+
+    def forward_done(self, kind: str, items: int, tokens: int = 0, padded_tokens: int = 0) -> None:
+        """The runner reports each forward pass here (from the worker thread): sizes and padding."""
+        self.stats.forward_passes += 1
+        self.stats.tokens += tokens
+        self.stats.padded_tokens += padded_tokens
+        self._tell("forward_done", kind, items, tokens, padded_tokens)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """Metrics must never fail a request: an observer's error is logged, not raised."""
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, event)(*args)
+        except Exception:
+            log.exception("batch observer failed on %s", event)
 
     async def submit(self, items: list[Item]) -> list[Result]:
         if not items:
@@ -164,7 +194,9 @@ class Batcher(Generic[Item, Result]):
                 log.exception("batch failed", exc_info=exc)
             return
         finished = time.perf_counter()
-        self.stats.record(len(items), sum(started - job.enqueued_at for job in jobs) / len(jobs), finished - started)
+        waits = [started - job.enqueued_at for job in jobs]
+        self.stats.record(len(items), sum(waits) / len(waits), finished - started)
+        self._tell("round_done", len(items), waits, finished - started)
         offset = 0
         for job in jobs:
             _settle(job.future, result=results[offset : offset + len(job.items)])

@@ -73,7 +73,7 @@ class TextEmbedder:
         self.end_id, self.tokenizer_appends_end = self._end_token()
         # Qwen3 decoders run padding-free (packed sequences); other architectures run padded.
         self.packed = packed_forward_for(model, config, self.device)
-        self.batcher: Batcher[str, torch.Tensor] = Batcher(
+        self.batcher: Batcher[str, tuple[torch.Tensor, int]] = Batcher(
             self._embed_batch, max_batch_items=config.max_batch_items, name=spec.seed_name
         )
         if spec.dimension is not None and spec.dimension != self.dimension:
@@ -123,17 +123,26 @@ class TextEmbedder:
         self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
     ) -> list[list[float]]:
         """L2-normalized embeddings, in input order. Concurrent calls share forward passes."""
+        vectors, _ = await self.embed_counted(texts, instruction, dimensions)
+        return vectors
+
+    async def embed_counted(
+        self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]:
+        """embed(), plus the number of tokens the model read (prompt, special tokens, after truncation)."""
         size = self.check_dimensions(dimensions)
-        vectors = await self.batcher.submit([self.prompt(text, instruction) for text in texts])
-        stacked = torch.stack(vectors)
+        results = await self.batcher.submit([self.prompt(text, instruction) for text in texts])
+        stacked = torch.stack([vector for vector, _ in results])
         if size != self.dimension:  # Matryoshka: keep the leading dimensions, then normalize again
             stacked = torch.nn.functional.normalize(stacked[:, :size], dim=-1)
-        return stacked.tolist()
+        return stacked.tolist(), sum(tokens for _, tokens in results)
 
     # -- the model side (runs in the batcher's worker thread) ------------------------------------------
 
-    def _embed_batch(self, texts: list[str]) -> list[torch.Tensor]:
-        return self.embed_token_ids(self._tokenize(texts))
+    def _embed_batch(self, texts: list[str]) -> list[tuple[torch.Tensor, int]]:
+        """Each text's vector and its token count (counted here, from the tokenization the model reads)."""
+        token_ids = self._tokenize(texts)
+        return list(zip(self.embed_token_ids(token_ids), (len(ids) for ids in token_ids), strict=True))
 
     def embed_token_ids(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Normalized vectors for tokenized texts, in order: length-sorted micro-batches under the token budget."""
@@ -167,6 +176,8 @@ class TextEmbedder:
         assert self.packed is not None
         hidden, cu_seqlens = self.packed.forward(batch, last_tokens_only=self.pooling.last_token_only)
         pooled = self.pooling.packed(hidden, cu_seqlens).float()
+        tokens = sum(len(ids) for ids in batch)
+        self.batcher.forward_done("text", len(batch), tokens, tokens)  # packed: no padding at all
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     @torch.inference_mode()
@@ -174,6 +185,7 @@ class TextEmbedder:
         input_ids, mask = right_padded(batch, self.pad_id, self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         pooled = self.pooling(hidden, mask).float()
+        self.batcher.forward_done("text", len(batch), sum(len(ids) for ids in batch), input_ids.numel())
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     # -- start-up decisions ------------------------------------------------------------------------

@@ -159,15 +159,18 @@ class Reranker:
 
     @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> list[float]:
+        tokens = sum(len(ids) for ids in batch)
         if self.packed is not None:
             hidden, cu_seqlens = self.packed.forward(batch, last_tokens_only=True)
             last = self.last_token.packed(hidden, cu_seqlens).float()  # [batch, hidden]
+            self.batcher.forward_done("pair", len(batch), tokens, tokens)  # packed: no padding at all
         else:
             # Right padding, then the last real token of each row: for a causal model this equals the model
             # card's left padding (no real token attends to a pad either way), with simpler position ids.
             input_ids, mask = right_padded(batch, self.pad_id, self.device)
             hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             last = self.last_token(hidden, mask).float()  # [batch, hidden]
+            self.batcher.forward_done("pair", len(batch), tokens, input_ids.numel())
         yes_no = last @ self.yes_no_rows.T  # [batch, 2]: the only two logits the score needs
         return torch.sigmoid(yes_no[:, 0] - yes_no[:, 1]).cpu().tolist()
 

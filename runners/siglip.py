@@ -163,7 +163,8 @@ class SiglipEmbedder:
         self._decoders = ThreadPoolExecutor(
             max_workers=self.settings.decode_threads, thread_name_prefix=f"{spec.seed_name}-decode"
         )
-        self.batcher: Batcher[Item, torch.Tensor] = Batcher(
+        # Each result is (vector, tokens read): the token count of a text, 0 for an image.
+        self.batcher: Batcher[Item, tuple[torch.Tensor, int]] = Batcher(
             self._embed_batch, max_batch_items=self.config.max_batch_items, name=spec.seed_name
         )
         if spec.dimension is not None and spec.dimension != self.dimension:
@@ -204,18 +205,39 @@ class SiglipEmbedder:
     async def embed_images(self, sources: list[ImageSource], names: list[str] | None = None) -> list[list[float]]:
         """L2-normalized image embeddings, in input order. `names` name the inputs in error messages."""
         prepared = await self.prepare_images(sources, names)
-        return torch.stack(await self.batcher.submit(list(prepared))).tolist()
+        return torch.stack([vector for vector, _ in await self.batcher.submit(list(prepared))]).tolist()
 
     async def embed_texts(self, texts: list[str]) -> list[list[float]]:
         """L2-normalized text embeddings, in input order, from the text tower."""
-        return torch.stack(await self.batcher.submit(list(texts))).tolist()
+        vectors, _ = await self.embed_counted(texts)
+        return vectors
+
+    def check_dimensions(self, dimensions: int | None) -> int:
+        """SigLIP vectors are not Matryoshka-trained: only the full dimension is served."""
+        if dimensions is not None and dimensions != self.dimension:
+            raise InputError(
+                f"this model returns {self.dimension} dimensions only; `dimensions` must be {self.dimension} or absent",
+                param="dimensions",
+            )
+        return self.dimension
+
+    async def embed_counted(
+        self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]:
+        """Text-tower embeddings plus the number of real tokens read (padding not counted), as the text
+        runner's embed_counted; SigLIP takes no instruction."""
+        if instruction:
+            raise InputError("SigLIP takes no instruction; send the text alone", param="instruction")
+        self.check_dimensions(dimensions)
+        results = await self.batcher.submit(list(texts))
+        return torch.stack([vector for vector, _ in results]).tolist(), sum(tokens for _, tokens in results)
 
     async def similarity(
         self, text: str, sources: list[ImageSource], names: list[str] | None = None
     ) -> list[dict[str, float]]:
         """For each image, in input order: its cosine with the text, and SigLIP's probability that they match."""
         prepared = await self.prepare_images(sources, names)
-        text_vector, *image_vectors = await self.batcher.submit([text, *prepared])
+        text_vector, *image_vectors = (vector for vector, _ in await self.batcher.submit([text, *prepared]))
         cosines = torch.stack(image_vectors).double() @ text_vector.double()
         scores = torch.sigmoid(cosines * self.scale + self.bias)
         return [
@@ -251,12 +273,13 @@ class SiglipEmbedder:
 
     # -- the model side (runs in the batcher's worker thread) ------------------------------------------
 
-    def _embed_batch(self, items: list[Item]) -> list[torch.Tensor]:
-        results: list[torch.Tensor | None] = [None] * len(items)
+    def _embed_batch(self, items: list[Item]) -> list[tuple[torch.Tensor, int]]:
+        results: list[tuple[torch.Tensor, int] | None] = [None] * len(items)
         texts = [index for index, item in enumerate(items) if isinstance(item, str)]
         images = [index for index, item in enumerate(items) if isinstance(item, PreparedImage)]
         if texts:
             encoded = self._tokenize([items[index] for index in texts])  # type: ignore[misc]
+            lengths = self._real_lengths(encoded["input_ids"])
             plan = plan_micro_batches([self.max_length] * len(texts), self.config.max_batch_tokens)
             for micro_batch in plan:
                 vectors = run_splitting_on_oom(
@@ -264,7 +287,10 @@ class SiglipEmbedder:
                     micro_batch,
                 )
                 for position, vector in zip(micro_batch, vectors, strict=True):
-                    results[texts[position]] = vector
+                    results[texts[position]] = (vector, lengths[position])
+                self.batcher.forward_done(
+                    "text", len(micro_batch), sum(lengths[i] for i in micro_batch), len(micro_batch) * self.max_length
+                )
         if images:
             plan = plan_micro_batches([1] * len(images), self.settings.max_batch_images)
             for micro_batch in plan:
@@ -273,7 +299,8 @@ class SiglipEmbedder:
                     micro_batch,
                 )
                 for position, vector in zip(micro_batch, vectors, strict=True):
-                    results[images[position]] = vector
+                    results[images[position]] = (vector, 0)
+                self.batcher.forward_done("image", len(micro_batch))
         return results  # type: ignore[return-value]
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -288,6 +315,13 @@ class SiglipEmbedder:
             return_tensors="pt",
         )
         return {key: value for key, value in encoded.items() if key in _TEXT_INPUTS}
+
+    def _real_lengths(self, input_ids: torch.Tensor) -> list[int]:
+        """Tokens of each text before its padding (SigLIP reads all max_length positions; usage counts these)."""
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            return [input_ids.shape[1]] * input_ids.shape[0]
+        return (input_ids != pad_id).sum(dim=1).tolist()
 
     @torch.inference_mode()
     def _forward_text(self, encoded: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -199,7 +199,10 @@ class Served:
 def serve(class_name: str, env: dict[str, str], log_path: Path, timeout: float = 180) -> Iterator[Served]:
     """Start `bentoml serve service:<class_name>` on a free port; yield once GET /health answers."""
     port = free_port()
-    full_env = {**os.environ, "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true", **env}
+    # A BentoML home per server: a starting server empties $BENTOML_HOME/prometheus_multiproc_dir,
+    # which would wipe the metrics of any server already running from the same home.
+    home = log_path.parent / f"bentoml-home-{port}"
+    full_env = {**os.environ, "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": str(home), **env}
     bentoml = [
         sys.executable,
         "-m",

@@ -109,6 +109,8 @@ def test_bento_builds_offline_with_a_cuda_image_and_the_services_dependencies(bu
     assert manifest["services"][0]["config"]["resources"] == {"gpu": 1}
     source = bento / "src"
     assert (source / "service.py").is_file() and (source / "runners" / "table.py").is_file()
+    modules = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert [module for module in modules if not (source / f"{module}.py").is_file()] == []  # service.py imports them
     assert not (source / "tests").exists()
     weights = [p for p in bento.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
     assert weights == []
