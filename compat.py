@@ -91,8 +91,11 @@ async def read_json(request: Request, model: type[BaseModel]) -> t.Any:
             raise ProtocolError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(400, f"the body is not valid JSON: {exc}") from None
+        # JSON may escape a lone surrogate ("\ud800"), which is no Unicode text: refuse it here, as
+        # pydantic's parser does on the seed paths, rather than let the tokenizer fail on it.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(400, f"the body is not valid JSON text: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(400, "the body must be a JSON object")
     try:

@@ -154,11 +154,13 @@ class EmbedClient:
             last = attempt == self.retries
             try:
                 response = self._http.request(method, path, json=body)
-            except httpx.TransportError as exc:  # refused, reset, timed out
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the service: safe to retry
                 if last:
                     raise Unreachable(f"{method} {self._http.base_url}{path}: {type(exc).__name__}: {exc}") from exc
                 time.sleep(self.backoff * 2**attempt)
                 continue
+            except httpx.TransportError as exc:  # read timeout, reset: the service may be computing it still
+                raise Unreachable(f"{method} {self._http.base_url}{path}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUSES and not last:
                 time.sleep(_retry_after(response) or self.backoff * 2**attempt)
                 continue

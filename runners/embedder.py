@@ -14,7 +14,7 @@ import torch
 from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
-from .loading import load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
+from .loading import load_pretrained, load_tokenizer, locate, pick_device, pick_dtype, token_limit
 from .packed import packed_forward_for, right_padded
 from .pooling import SentenceTransformersConfig, make_pooling, read_sentence_transformers_config
 from .prompts import make_prompt
@@ -68,7 +68,7 @@ class TextEmbedder:
         self.pooling = make_pooling(config.pooling or own.pooling or spec.default_pooling or "cls")
         self.prompt = make_prompt(spec.prompt)
         self.dimension = int(model.config.hidden_size)
-        self.max_length = self._max_length(own.max_seq_length)
+        self.max_length = token_limit(config.max_length, own.max_seq_length or spec.default_max_length, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
         # Qwen3 decoders run padding-free (packed sequences); other architectures run padded.
@@ -189,15 +189,6 @@ class TextEmbedder:
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     # -- start-up decisions ------------------------------------------------------------------------
-
-    def _max_length(self, own_limit: int | None) -> int:
-        if self.config.max_length is not None:
-            return self.config.max_length
-        limits = [own_limit or self.spec.default_max_length]
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        if positions:
-            limits.append(int(positions))
-        return min(limits)
 
     def _end_token(self) -> tuple[int | None, bool]:
         """For last-token pooling: the id of <|endoftext|>, and whether the tokenizer already appends it."""

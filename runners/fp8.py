@@ -33,7 +33,9 @@ def fp8_linear(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     x_fp8 = (rows.float() / x_scale).to(FP8)
     if rows.is_cuda:
-        out = torch._scaled_mm(x_fp8, weight.data.t(), scale_a=x_scale, scale_b=weight.scale, out_dtype=x.dtype)
+        # Row-wise scaled products give bf16 only; other activation dtypes are converted back.
+        out = torch._scaled_mm(x_fp8, weight.data.t(), scale_a=x_scale, scale_b=weight.scale, out_dtype=torch.bfloat16)
+        out = out.to(x.dtype)
     else:
         out = ((x_fp8.float() * x_scale) @ (weight.data.float() * weight.scale.t()).t()).to(x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -211,3 +211,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+
+
+def token_limit(configured: int | None, preferred: int, model: Any) -> int:
+    """The longest sequence to feed the model: `<NAME>_MAX_LENGTH` if set, else the preferred limit, and never
+    more than the model's position embeddings (a longer input would crash the forward, not be truncated)."""
+    wanted = configured if configured is not None else preferred
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return min(wanted, int(positions)) if positions else wanted

@@ -102,9 +102,11 @@ class PackedQwen3:
 
     def _warm_up(self) -> None:
         """Compile now, at start-up, not on the first request; a compiler that fails means eager, not a crash.
-        Two texts, not one: a batch of one would be compiled for that size only."""
+        torch.compile specializes sizes of one, so single-text batches are warmed up as well as larger ones."""
         try:
-            self.forward([[1, 2, 3], [4, 5]])
+            for last_tokens_only in (False, True):  # both ways the final layer runs
+                self.forward([[1, 2, 3], [4, 5]], last_tokens_only=last_tokens_only)
+                self.forward([[1, 2, 3]], last_tokens_only=last_tokens_only)  # one text: its own specialization
         except Exception as exc:  # torch.compile raises many kinds of errors
             log.warning("torch.compile failed (%s: %s); running the packed layers eagerly", type(exc).__name__, exc)
             self._inputs, self._outputs, self.compiled = _attention_inputs, _attention_output_and_mlp, False
@@ -160,7 +162,8 @@ class PackedQwen3:
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int
     ) -> torch.Tensor:
-        if self._varlen is not None and q.is_cuda:
+        # Flash attention takes half precision only (fp32 on GPUs without bf16 takes the SDPA loop).
+        if self._varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             return self._varlen(q, k, v, cu_seqlens, longest, self.heads // self.kv_heads, self.scale)
         return _causal_attention_per_sequence(q, k, v, cu_seqlens, self.scale)
 

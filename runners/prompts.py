@@ -20,7 +20,7 @@ class InstructQueryPrompt:
     name = "instruct_query"
 
     def __call__(self, text: str, instruction: str | None) -> str:
-        if not instruction:
+        if not instruction or not instruction.strip():  # a blank instruction means none, as in the rerankers
             return text
         return f"Instruct: {instruction}\nQuery:{text}"
 
@@ -34,7 +34,7 @@ class PrefixPrompt:
     name = "prefix"
 
     def __call__(self, text: str, instruction: str | None) -> str:
-        return f"{instruction}{text}" if instruction else text
+        return f"{instruction}{text}" if instruction and instruction.strip() else text
 
 
 PROMPTS: dict[str, type[Prompt]] = {cls.name: cls for cls in (InstructQueryPrompt, PrefixPrompt)}

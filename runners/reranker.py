@@ -23,7 +23,16 @@ import torch
 from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import ModelLoadError
-from .loading import ModelFiles, load_pretrained, load_tokenizer, locate, pick_device, pick_dtype, read_json
+from .loading import (
+    ModelFiles,
+    load_pretrained,
+    load_tokenizer,
+    locate,
+    pick_device,
+    pick_dtype,
+    read_json,
+    token_limit,
+)
 from .packed import packed_forward_for, right_padded
 from .pooling import LastTokenPooling
 from .table import ServiceSpec
@@ -81,7 +90,7 @@ class Reranker:
 
         self.prefix_ids = self._encode(PROMPT_PREFIX)
         self.suffix_ids = self._encode(PROMPT_SUFFIX)
-        self.max_length = self._max_length()
+        self.max_length = token_limit(self.config.max_length, self.spec.default_max_length, self.model)
         self.body_room = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
         if self.body_room < 1:
             raise ModelLoadError(
@@ -202,15 +211,6 @@ class Reranker:
             "logits of 'yes' and 'no' cannot be computed. Use a causal language model such as Qwen3-Reranker-8B "
             "or Qwen3-4B."
         )
-
-    def _max_length(self) -> int:
-        if self.config.max_length is not None:
-            return self.config.max_length
-        limits = [self.spec.default_max_length]
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        if positions:
-            limits.append(int(positions))
-        return min(limits)
 
     def close(self) -> None:
         self.batcher.close()

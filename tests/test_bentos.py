@@ -98,7 +98,7 @@ def test_bento_builds_offline_with_a_cuda_image_and_the_services_dependencies(bu
         assert dependency in requirements, dependency
     torch_lines = [line for line in requirements if line.startswith("torch")]
     # The bare PyPI requirement: on Linux x86_64 PyPI's torch wheels are the CUDA builds.
-    assert torch_lines == ["torch>=2.4"]
+    assert torch_lines == ["torch>=2.5"]
     assert not (bento / "env" / "python" / "requirements.lock.txt").exists()  # no lock of the CPU torch here
     install = (bento / "env" / "python" / "install.sh").read_text()
     assert "PIP_ARGS=()" in install  # no index of this machine, no CPU-only index

@@ -208,6 +208,21 @@ def test_client_gives_up_after_its_retries():
     assert len(seen) == 3 and failure.value.status == 503 and "out of memory" in str(failure.value)
 
 
+def test_client_retries_a_refused_connection_but_not_a_read_timeout():
+    """A request that timed out may still be computing: sending it again would only add work."""
+    transport, seen = scripted(
+        httpx.ConnectError("refused"), httpx.Response(200, json={"embedding": [1.0], "dimension": 1})
+    )
+    assert EmbedClient("http://service", transport=transport, retries=2, backoff=0.0).get_embedding("a") == [1.0]
+    assert len(seen) == 2
+    transport, seen = scripted(
+        httpx.ReadTimeout("slow"), httpx.Response(200, json={"embedding": [1.0], "dimension": 1})
+    )
+    with pytest.raises(Unreachable):
+        EmbedClient("http://service", transport=transport, retries=2, backoff=0.0).get_embedding("a")
+    assert len(seen) == 1
+
+
 def test_client_does_not_retry_bad_requests_and_reads_both_error_shapes():
     openai_shaped = {"error": {"message": "bad key", "type": "authentication_error", "param": None, "code": "x"}}
     transport, seen = scripted(

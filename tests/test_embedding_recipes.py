@@ -143,6 +143,18 @@ def test_cls_is_the_default_when_the_model_ships_no_pooling_config(make_embedder
     assert close(embed(embedder, ["一只猫"]), bge_reference(bare, ["一只猫"]))
 
 
+def test_a_max_length_beyond_the_models_positions_is_capped(make_embedder, bge_dir):
+    """EMBED_MAX_LENGTH=8192 is natural for the Qwen3 services; BGE (512 positions) must not crash on it."""
+    embedder = make_embedder("bge_embed", bge_dir, EMBED_MAX_LENGTH="8192")
+    assert embedder.max_length == 512
+    assert embed(embedder, ["猫" * 2000]).shape == (1, 48)
+
+
+def test_a_blank_instruction_means_none(make_embedder, qwen3_embedding_dir):
+    embedder = make_embedder("qwen3_8b_embed", qwen3_embedding_dir, QWEN3_8B_EMBED_QUANTIZATION="none")
+    assert close(embed(embedder, TEXTS[:2], "  \n"), embed(embedder, TEXTS[:2]))
+
+
 def test_bge_truncates_long_texts_to_max_length(make_embedder, bge_dir):
     embedder = make_embedder("bge_embed", bge_dir, BGE_EMBED_MAX_LENGTH="16")
     long_text = "猫" * 100

@@ -161,6 +161,8 @@ RAW_BAD_REQUESTS = [
     ("input of the wrong type", b'{"input": 5}', 400),
     ("dimensions of the wrong type", b'{"input": "a", "dimensions": "many"}', 400),
     ("unknown encoding", b'{"input": "a", "encoding_format": "int8"}', 400),
+    ("a lone surrogate escape", b'{"input": "a\\ud800b"}', 400),
+    ("nesting deeper than the parser goes", b"[" * 100_000, 400),
 ]
 
 
