@@ -118,10 +118,19 @@ class Batcher(Generic[Item, Result]):
     event loop stays free to parse and queue the next requests while a batch computes.
     """
 
-    def __init__(self, process: Callable[[list[Item]], list[Result]], *, max_batch_items: int, name: str) -> None:
+    def __init__(
+        self,
+        process: Callable[[list[Item]], list[Result]],
+        *,
+        max_batch_items: int,
+        name: str,
+        max_queued_items: int = 8192,
+    ) -> None:
         self._process = process
         self._max_batch_items = max_batch_items
+        self._max_queued_items = max_queued_items
         self._queue: deque[_Job[Item]] = deque()
+        self._queued_items = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -151,8 +160,15 @@ class Batcher(Generic[Item, Result]):
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = loop.create_task(self._work())
+        if self._queued_items + len(items) > self._max_queued_items:
+            # Answer at once (503) rather than let the wait grow until the request times out.
+            raise Overloaded(
+                f"{self._queued_items} items are waiting for the model already (at most {self._max_queued_items}); "
+                "try again shortly"
+            )
         job = _Job(items, loop.create_future(), time.perf_counter())
         self._queue.append(job)
+        self._queued_items += len(items)
         assert self._wakeup is not None
         self._wakeup.set()
         return await job.future
@@ -161,6 +177,7 @@ class Batcher(Generic[Item, Result]):
         jobs, count = [], 0
         while self._queue and (not jobs or count + len(self._queue[0].items) <= self._max_batch_items):
             job = self._queue.popleft()
+            self._queued_items -= len(job.items)
             if job.future.done():  # the caller went away (client disconnected): skip its work
                 continue
             jobs.append(job)

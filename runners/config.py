@@ -50,6 +50,7 @@ class RunnerConfig:
     max_items_per_request: int
     max_batch_tokens: int  # padded tokens in one forward pass
     max_batch_items: int  # texts taken from the queue for one round
+    max_queued_items: int  # more waiting than this: new requests get a 503 at once
     pooling: str | None  # override of the model's own pooling: cls | mean | last
     packed: bool = True  # padding-free forward for architectures that have one (EMBED_PACKED=0 turns it off)
     compile: str = "auto"  # torch.compile the packed layers: auto (on GPUs) | 1 | 0
@@ -78,6 +79,7 @@ class RunnerConfig:
             max_items_per_request=int_setting(spec, "MAX_ITEMS_PER_REQUEST", 256),
             max_batch_tokens=int_setting(spec, "MAX_BATCH_TOKENS", 16384, minimum=64),
             max_batch_items=int_setting(spec, "MAX_BATCH_ITEMS", 1024),
+            max_queued_items=int_setting(spec, "MAX_QUEUED_ITEMS", 8192),
             pooling=pooling,
             packed=(setting(spec, "PACKED", "1") or "1").lower() not in ("0", "false", "no", "off"),
             compile=(setting(spec, "COMPILE", "auto") or "auto").lower(),

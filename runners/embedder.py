@@ -74,7 +74,10 @@ class TextEmbedder:
         # Qwen3 decoders run padding-free (packed sequences); other architectures run padded.
         self.packed = packed_forward_for(model, config, self.device)
         self.batcher: Batcher[str, tuple[torch.Tensor, int]] = Batcher(
-            self._embed_batch, max_batch_items=config.max_batch_items, name=spec.seed_name
+            self._embed_batch,
+            max_batch_items=config.max_batch_items,
+            name=spec.seed_name,
+            max_queued_items=config.max_queued_items,
         )
         if spec.dimension is not None and spec.dimension != self.dimension:
             log.warning(

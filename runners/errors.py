@@ -18,4 +18,4 @@ class ModelLoadError(RuntimeError):
 
 
 class Overloaded(RuntimeError):
-    """The model cannot take this work right now (out of memory even alone, queue full). Maps to 503."""
+    """The model cannot take this work (out of memory even alone, or the queue is full). Maps to 503."""

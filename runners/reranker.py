@@ -102,7 +102,10 @@ class Reranker:
         # Qwen3 decoders run padding-free (packed sequences), as the embedding services do.
         self.packed = packed_forward_for(self.model, self.config, self.device)
         self.batcher: Batcher[Pair, float] = Batcher(
-            self._score_batch, max_batch_items=self.config.max_batch_items, name=spec.seed_name
+            self._score_batch,
+            max_batch_items=self.config.max_batch_items,
+            name=spec.seed_name,
+            max_queued_items=self.config.max_queued_items,
         )
 
     # -- what the service asks -------------------------------------------------------------------

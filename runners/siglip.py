@@ -165,7 +165,10 @@ class SiglipEmbedder:
         )
         # Each result is (vector, tokens read): the token count of a text, 0 for an image.
         self.batcher: Batcher[Item, tuple[torch.Tensor, int]] = Batcher(
-            self._embed_batch, max_batch_items=self.config.max_batch_items, name=spec.seed_name
+            self._embed_batch,
+            max_batch_items=self.config.max_batch_items,
+            name=spec.seed_name,
+            max_queued_items=self.config.max_queued_items,
         )
         if spec.dimension is not None and spec.dimension != self.dimension:
             log.warning(

@@ -92,3 +92,28 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
     assert first == ["ok1"] and last == ["ok2"]
     assert isinstance(poisoned, RuntimeError)
     batcher.close()
+
+
+def test_a_full_queue_answers_overloaded_at_once_and_recovers():
+    release = __import__("threading").Event()
+
+    def process(items):
+        release.wait(5)
+        return items
+
+    batcher = Batcher(process, max_batch_items=4, max_queued_items=6, name="test")
+
+    async def main():
+        running = asyncio.ensure_future(batcher.submit(["a"]))  # taken by the worker at once
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(batcher.submit(["b", "c", "d"])) for _ in range(2)]  # 6 queued
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await batcher.submit(["e"])
+        release.set()
+        results = [await running] + [await job for job in waiting]
+        return results, await batcher.submit(["f"])  # room again once the queue drains
+
+    results, after = asyncio.run(main())
+    assert results == [["a"], ["b", "c", "d"], ["b", "c", "d"]] and after == ["f"]
+    batcher.close()
