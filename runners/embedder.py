@@ -14,7 +14,7 @@ import torch
 from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
-from .loading import load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
+from .loading import check_model_files, load_pretrained, load_tokenizer, pick_device, pick_dtype
 from .pooling import make_pooling, read_sentence_transformers_config
 from .prompts import make_prompt
 from .table import ServiceSpec
@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 # Qwen3-Embedding pools the hidden state of this token, which must end every sequence exactly once.
 END_OF_TEXT = "<|endoftext|>"
 
+# A text is cut to max_length x this many characters before it is tokenized: a 10 MB text would
+# otherwise hold the model's thread for seconds only to be truncated to max_length tokens. Real
+# tokens average 1-6 characters, so the cut never reaches the tokens that are kept, unless the
+# text's first max_length tokens average more than this (runs of thousands of spaces).
+MAX_CHARS_PER_TOKEN = 32
+
 
 class TextEmbedder:
     def __init__(self, spec: ServiceSpec, config: RunnerConfig | None = None) -> None:
@@ -31,7 +37,7 @@ class TextEmbedder:
 
         self.spec = spec
         self.config = config or RunnerConfig.from_env(spec)
-        files = locate(self.config)
+        files = check_model_files(self.config)
         self.model_name = str(files.root)
         self.device = pick_device(self.config)
         self.dtype = pick_dtype(self.config, self.device)
@@ -111,8 +117,9 @@ class TextEmbedder:
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         room = self.max_length - (0 if self.end_id is None or self.tokenizer_appends_end else 1)
+        longest = self.max_length * MAX_CHARS_PER_TOKEN
         encoded = self.tokenizer(
-            texts,
+            [text[:longest] for text in texts],
             add_special_tokens=True,
             truncation=True,
             max_length=room,
