@@ -14,14 +14,22 @@ import functools
 import typing as t
 
 import bentoml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runners.errors import InputError, Overloaded
 from runners.table import SERVICES, ServiceSpec
+
+# What require_text / require_texts enforce, declared in the OpenAPI document too (schema only: the
+# checks themselves stay in those functions, whose errors name the field at fault).
+NonBlankText = t.Annotated[str, Field(json_schema_extra={"minLength": 1, "pattern": r"\S"})]
+NonBlankTexts = t.Annotated[list[NonBlankText], Field(json_schema_extra={"minItems": 1})]
+# Strict: pydantic would otherwise take true as 1 and "256" or 256.0 as 256.
+Dimensions = t.Optional[t.Annotated[int, Field(strict=True)]]
 
 
 class EmbeddingResponse(BaseModel):
@@ -32,6 +40,30 @@ class EmbeddingResponse(BaseModel):
 class EmbeddingsResponse(BaseModel):
     embeddings: list[list[float]]
     dimension: int
+
+
+# The body of every error answer: ours ({"error", "param"}) and BentoML's validation 400s ({"error", "detail"}).
+ERROR_SCHEMA: dict[str, t.Any] = {
+    "type": "object",
+    "title": "ErrorResponse",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "description": "what is wrong, for a person to read"},
+        "param": {"type": "string", "description": "the request field at fault, e.g. `texts[3]`"},
+        "detail": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "pydantic's list of validation errors (malformed JSON, wrong types, missing fields)",
+        },
+    },
+}
+ERROR_ANSWERS: dict[int, str] = {
+    400: "Bad input: malformed JSON, a wrong type, a missing field, an empty text, an option out of range",
+    413: "More items than the service takes in one request",
+    415: "The body is not JSON (send Content-Type: application/json)",
+    503: "Overloaded: the input does not fit in device memory even alone",
+}
+JSON_MEDIA_TYPES = ("", "application/json")
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -92,7 +124,7 @@ class TextEmbedding(ServiceBase):
     @bentoml.api(route="/embed/text")
     @json_errors
     async def embed_text(
-        self, text: str, instruction: t.Optional[str] = None, dimensions: t.Optional[int] = None
+        self, text: NonBlankText, instruction: t.Optional[str] = None, dimensions: Dimensions = None
     ) -> EmbeddingResponse:
         """Embed one text. Concurrent calls are merged into shared forward passes."""
         [vector] = await self.engine.embed([require_text(text, "text")], instruction, dimensions)
@@ -101,7 +133,7 @@ class TextEmbedding(ServiceBase):
     @bentoml.api(route="/embed/texts")
     @json_errors
     async def embed_texts(
-        self, texts: list[str], instruction: t.Optional[str] = None, dimensions: t.Optional[int] = None
+        self, texts: NonBlankTexts, instruction: t.Optional[str] = None, dimensions: Dimensions = None
     ) -> EmbeddingsResponse:
         """Embed several texts; the vectors come back in input order."""
         texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
@@ -112,16 +144,88 @@ class TextEmbedding(ServiceBase):
 KIND_BASES: dict[str, type[ServiceBase]] = {"text_embedding": TextEmbedding}
 
 
+class JsonBodiesOnly:
+    """ASGI middleware: the APIs take JSON bodies only; anything else gets a JSON 415 before BentoML parses it.
+
+    BentoML would otherwise parse form and multipart bodies too, and a multipart body without a boundary
+    escapes its parser as a 500.
+    """
+
+    def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.routes:
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            media_type = content_type.split(";")[0].strip().lower()
+            if media_type not in JSON_MEDIA_TYPES:
+                message = f"send the body as JSON (Content-Type: application/json), not {media_type}"
+                answer = error_response(415, message)
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class DocumentedService(bentoml.Service):
+    """A BentoML service whose OpenAPI document (GET /docs.json) declares what its APIs really answer.
+
+    BentoML declares the same three errors for every API, with a `detail` string where its own
+    validation 400s send a list, and it drops `null` from optional fields. Here each API route
+    declares the error answers it gives (ERROR_ANSWERS, all with ERROR_SCHEMA), and the optional
+    fields are `nullable`, as the pydantic signature accepts.
+    """
+
+    @property
+    def openapi_spec(self) -> t.Any:
+        spec = super().openapi_spec
+        spec.components["schemas"]["ErrorResponse"] = ERROR_SCHEMA
+        error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for api in self.apis.values():
+            operation = spec.paths[api.route].post
+            for status, description in ERROR_ANSWERS.items():
+                operation["responses"][status] = {"description": description, "content": error_content}
+            nullable = _nullable_fields(api.input_spec.model_json_schema())
+            for media in operation["requestBody"]["content"].values():
+                for name, field in (media.schema.properties or {}).items():
+                    if name in nullable:
+                        field["nullable"] = True
+        return spec
+
+
+def _nullable_fields(schema: dict[str, t.Any]) -> set[str]:
+    return {
+        name
+        for name, field in schema.get("properties", {}).items()
+        if any(option.get("type") == "null" for option in field.get("anyOf", []))
+    }
+
+
 async def _health(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().health())
 
 
 def build_service(spec: ServiceSpec) -> t.Any:
     """One BentoML service for one table row: GPU declared, one worker (one copy of the model per GPU)."""
-    inner = type(
-        spec.class_name, (KIND_BASES[spec.kind],), {"spec": spec, "__module__": __name__, "__doc__": spec.title}
-    )
+
+    def check_model_files() -> None:
+        """Runs once in `bentoml serve`'s main process, before any worker: a missing or broken model stops
+        the server at once with a message naming the variable (a worker failing to load would be respawned
+        by BentoML forever)."""
+        from runners.config import RunnerConfig
+        from runners.loading import check_model_files
+
+        check_model_files(RunnerConfig.from_env(spec))
+
+    namespace = {
+        "spec": spec,
+        "__module__": __name__,
+        "__doc__": spec.title,
+        "check_model_files": bentoml.on_deployment(check_model_files),
+    }
+    inner = type(spec.class_name, (KIND_BASES[spec.kind],), namespace)
     svc = bentoml.service(
+        service_class=DocumentedService,
         name=spec.seed_name,
         description=spec.title,
         resources={"gpu": 1},
@@ -130,6 +234,7 @@ def build_service(spec: ServiceSpec) -> t.Any:
     )(inner)
     # BentoML's own routes are POST-only; a small mounted app answers GET /health.
     svc.mount_asgi_app(Starlette(routes=[Route("/health", _health, methods=["GET"])]), path="/", name="health")
+    svc.add_asgi_middleware(JsonBodiesOnly, routes=frozenset(api.route for api in svc.apis.values()))
     return svc
 
 
