@@ -105,7 +105,17 @@ def check_model_files(config: RunnerConfig) -> ModelFiles:
         ) from None
     for path in sorted(files.model_dir.glob("*.safetensors")):
         _check_safetensors(path, config)
+    if not any((files.tokenizer_dir / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        # transformers would build an empty tokenizer from config.json alone and every text would be [UNK].
+        raise ModelLoadError(
+            f"{config.model_env}={str(files.root)!r}: {files.tokenizer_dir} holds no tokenizer vocabulary "
+            f"(none of {', '.join(TOKENIZER_VOCABULARIES)})"
+        )
     return files
+
+
+# The files a tokenizer's vocabulary comes in (fast tokenizers, WordPiece, BPE, SentencePiece).
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 def _check_safetensors(path: Path, config: RunnerConfig) -> None:
