@@ -152,7 +152,7 @@ KIND_BASES: dict[str, type[ServiceBase]] = {"text_embedding": TextEmbedding}
 
 
 class JsonBodiesOnly:
-    """ASGI middleware: the APIs take JSON bodies only; anything else gets a JSON 415 before BentoML parses it.
+    """ASGI middleware: the JSON APIs take JSON bodies only; anything else gets a JSON 415 before BentoML parses it.
 
     BentoML would otherwise parse form and multipart bodies too, and a multipart body without a boundary
     escapes its parser as a 500.
@@ -241,7 +241,9 @@ def build_service(spec: ServiceSpec) -> t.Any:
     )(inner)
     # BentoML's own routes are POST-only; a small mounted app answers GET /health.
     svc.mount_asgi_app(Starlette(routes=[Route("/health", _health, methods=["GET"])]), path="/", name="health")
-    svc.add_asgi_middleware(JsonBodiesOnly, routes=frozenset(api.route for api in svc.apis.values()))
+    # Only the APIs that take JSON (an API with file inputs takes multipart bodies).
+    json_routes = frozenset(api.route for api in svc.apis.values() if api.input_spec.mime_type() == "application/json")
+    svc.add_asgi_middleware(JsonBodiesOnly, routes=json_routes)
     return svc
 
 
