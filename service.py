@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from runners.config import int_setting
 from runners.errors import InputError, Overloaded
 from runners.table import SERVICES, ServiceSpec
 
@@ -66,7 +67,7 @@ ERROR_SCHEMA: dict[str, t.Any] = {
 }
 ERROR_ANSWERS: dict[int, str] = {
     400: "Bad input: malformed JSON, a wrong type, a missing field, an empty text, an option out of range",
-    413: "More items than the service takes in one request",
+    413: "More items than the service takes in one request, or a body over <NAME>_MAX_REQUEST_MB",
     415: "The body is not JSON (send Content-Type: application/json)",
     503: "Overloaded: the input does not fit in device memory even alone",
 }
@@ -151,27 +152,59 @@ class TextEmbedding(ServiceBase):
 KIND_BASES: dict[str, type[ServiceBase]] = {"text_embedding": TextEmbedding}
 
 
-class JsonBodiesOnly:
-    """ASGI middleware: the JSON APIs take JSON bodies only; anything else gets a JSON 415 before BentoML parses it.
+class JsonBodies:
+    """ASGI middleware for the JSON APIs: a body that is not JSON gets a 415, a body over `max_bytes` a 413,
+    both as JSON and before BentoML reads or parses it.
 
-    BentoML would otherwise parse form and multipart bodies too, and a multipart body without a boundary
-    escapes its parser as a 500.
+    BentoML would otherwise parse form and multipart bodies too (a multipart body without a boundary
+    escapes its parser as a 500), and it reads a body of any size into memory.
     """
 
-    def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, routes: frozenset[str], max_bytes: int) -> None:
         self.app = app
         self.routes = routes
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.routes:
-            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
-            media_type = content_type.split(";")[0].strip().lower()
-            if media_type not in JSON_MEDIA_TYPES:
-                message = f"send the body as JSON (Content-Type: application/json), not {media_type}"
-                answer = error_response(415, message)
-                await answer(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.routes:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        media_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if media_type not in JSON_MEDIA_TYPES:
+            message = f"send the body as JSON (Content-Type: application/json), not {media_type}"
+            await error_response(415, message)(scope, receive, send)
+            return
+        too_large = error_response(413, f"the request body is larger than {self.max_bytes} bytes")
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit():
+            if int(declared) > self.max_bytes:
+                await too_large(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
+        # No length given (chunked): read the body here, up to the limit, then hand it on.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        handed_on = False
+
+        async def replay() -> t.Any:
+            nonlocal handed_on
+            if handed_on:
+                return await receive()
+            handed_on = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class DocumentedService(bentoml.Service):
@@ -243,7 +276,8 @@ def build_service(spec: ServiceSpec) -> t.Any:
     svc.mount_asgi_app(Starlette(routes=[Route("/health", _health, methods=["GET"])]), path="/", name="health")
     # Only the APIs that take JSON (an API with file inputs takes multipart bodies).
     json_routes = frozenset(api.route for api in svc.apis.values() if api.input_spec.mime_type() == "application/json")
-    svc.add_asgi_middleware(JsonBodiesOnly, routes=json_routes)
+    max_bytes = int_setting(spec, "MAX_REQUEST_MB", 32) * 2**20
+    svc.add_asgi_middleware(JsonBodies, routes=json_routes, max_bytes=max_bytes)
     return svc
 
 

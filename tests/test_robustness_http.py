@@ -29,6 +29,7 @@ from tests.conftest import SERVICE_MODEL_FIXTURES, Served, serve_tiny
 pytestmark = pytest.mark.serve
 
 ITEM_LIMIT = 16  # EMBED_MAX_ITEMS_PER_REQUEST for these servers: small, so oversized lists stay cheap
+MAX_REQUEST_MB = 12  # EMBED_MAX_REQUEST_MB for these servers (a 10 MB text must still pass)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ SERVED = [name for name in SERVICE_MODEL_FIXTURES if SERVICES[name].kind in KIND
 
 @pytest.fixture(scope="module", params=SERVED)
 def served(request, tmp_path_factory):
-    yield from serve_tiny(request, request.param, tmp_path_factory, EMBED_MAX_ITEMS_PER_REQUEST=str(ITEM_LIMIT))
+    limits = {"EMBED_MAX_ITEMS_PER_REQUEST": str(ITEM_LIMIT), "EMBED_MAX_REQUEST_MB": str(MAX_REQUEST_MB)}
+    yield from serve_tiny(request, request.param, tmp_path_factory, **limits)
 
 
 def endpoints(served: Served) -> list[Endpoint]:
@@ -236,6 +238,22 @@ def test_a_10_mb_text_is_answered_cut_to_max_length(served):
             reference = assert_good(served, endpoint, {**endpoint.good, name: words * 400})  # > max_length tokens
             huge = assert_good(served, endpoint, {**endpoint.good, name: words * (10_000_000 // len(words))})
             assert torch.allclose(torch.tensor(huge), torch.tensor(reference), atol=1e-5)
+
+
+def test_bodies_over_the_size_limit_get_a_413_and_chunked_bodies_under_it_are_served(served):
+    for endpoint in endpoints(served):
+        expected = assert_good(served, endpoint)
+        good = json.dumps(endpoint.good).encode()
+        huge = good[:-1] + b', "padding": "' + b"a" * (MAX_REQUEST_MB * 2**20) + b'"}'
+        chunked = [huge[i : i + 2**20] for i in range(0, len(huge), 2**20)]
+        for request in (raw(huge), {"content": iter(chunked), "headers": {"content-type": "application/json"}}):
+            response = served.post(endpoint.route, **request)
+            assert response.status_code == 413 and isinstance(response.json()["error"], str), response.text[:300]
+        # A body sent in chunks, with no length, is read by the middleware and handed on whole.
+        pieces = [good[:5], good[5:-3], good[-3:]]
+        response = served.post(endpoint.route, content=iter(pieces), headers={"content-type": "application/json"})
+        assert response.status_code == 200, response.text[:300]
+        assert torch.allclose(torch.tensor(endpoint.answer(response.json())), torch.tensor(expected), atol=1e-6)
 
 
 # -- a bounded concurrent load of good and bad requests -----------------------------------------------
