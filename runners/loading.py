@@ -86,6 +86,63 @@ def _layout(path: Path, config: RunnerConfig) -> ModelFiles:
     )
 
 
+def check_model_files(config: RunnerConfig) -> ModelFiles:
+    """Everything about the model that can be checked without loading its weights: the directory, its
+    config.json, and that each safetensors file is as long as its header says (a truncated download).
+
+    Cheap enough to run in `bentoml serve`'s main process before any worker starts (see service.py):
+    a worker that fails to load is respawned by BentoML forever instead of stopping the server.
+    """
+    from transformers import AutoConfig
+
+    files = locate(config)
+    try:
+        AutoConfig.from_pretrained(str(files.model_dir))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{config.model_env}={str(files.root)!r}: {files.model_dir / 'config.json'} is not a usable model "
+            f"config ({type(exc).__name__}: {exc})"
+        ) from None
+    for path in sorted(files.model_dir.glob("*.safetensors")):
+        _check_safetensors(path, config)
+    if not any((files.tokenizer_dir / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        # transformers would build an empty tokenizer from config.json alone and every text would be [UNK].
+        raise ModelLoadError(
+            f"{config.model_env}={str(files.root)!r}: {files.tokenizer_dir} holds no tokenizer vocabulary "
+            f"(none of {', '.join(TOKENIZER_VOCABULARIES)})"
+        )
+    return files
+
+
+# The files a tokenizer's vocabulary comes in (fast tokenizers, WordPiece, BPE, SentencePiece).
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def _check_safetensors(path: Path, config: RunnerConfig) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors it lists by offset."""
+    import json
+
+    size = path.stat().st_size
+    problem = None
+    try:
+        with path.open("rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                problem = "its header is cut off"
+            else:
+                header = json.loads(file.read(header_length))
+                tensors = [entry for name, entry in header.items() if name != "__metadata__"]
+                end = max((entry["data_offsets"][1] for entry in tensors), default=0)
+                if 8 + header_length + end > size:
+                    problem = f"it is {size} bytes, its header lists {8 + header_length + end}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        problem = f"its header is unreadable ({type(exc).__name__}: {exc})"
+    if problem:
+        raise ModelLoadError(
+            f"{config.model_env}: {path} is truncated or corrupt ({problem}); download the model again"
+        )
+
+
 def pick_device(config: RunnerConfig) -> torch.device:
     requested = config.device
     if requested == "auto":

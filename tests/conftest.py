@@ -187,6 +187,7 @@ class Served:
         self.url = url
         self.process = process
         self.log_path = log_path
+        self.seed_name = ""  # the table row, when known
         self.client = httpx.Client(base_url=url, timeout=60)
 
     def post(self, path: str, **kwargs) -> httpx.Response:
@@ -325,3 +326,23 @@ def save_tiny_siglip(directory: Path, *, seed: int = 3, padding_side: str = "rig
 @pytest.fixture(scope="session")
 def siglip_dir(tmp_path_factory) -> Path:
     return save_tiny_siglip(tmp_path_factory.mktemp("siglip2"))
+
+
+# Which tiny checkpoint each service is served on in the HTTP tests (a fixture name above).
+SERVICE_MODEL_FIXTURES: dict[str, str] = {
+    "bge_embed": "bge_dir",
+    "qwen3_8b_embed": "qwen3_embedding_dir",
+    "qwen3_4b_embed": "zimage_root",
+}
+
+
+def serve_tiny(request: pytest.FixtureRequest, seed_name: str, tmp_path_factory, **env: str) -> Iterator[Served]:
+    """`bentoml serve` one service of the table on its tiny checkpoint (no quantization: CPU)."""
+    from runners.table import SERVICES
+
+    spec = SERVICES[seed_name]
+    model = request.getfixturevalue(SERVICE_MODEL_FIXTURES[seed_name])
+    log_path = tmp_path_factory.mktemp(f"serve-{seed_name}") / "bentoml.log"
+    for served in serve(spec.class_name, {spec.model_env: str(model), "EMBED_QUANTIZATION": "none", **env}, log_path):
+        served.seed_name = seed_name
+        yield served
