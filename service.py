@@ -513,6 +513,12 @@ def build_service(spec: ServiceSpec) -> t.Any:
     )(inner)
     # BentoML's own routes are POST-only; a small mounted app answers GET /health.
     svc.mount_asgi_app(Starlette(routes=[Route("/health", _health, methods=["GET"])]), path="/", name="health")
+    # A misspelt field (`dimension`, Cohere's `top_n` on /rerank) must not be dropped silently: refuse
+    # unknown fields. (The image inputs parse forms themselves and name their own fields.)
+    for api in svc.apis.values():
+        if not issubclass(api.input_spec, FormOrJSON):
+            api.input_spec.model_config["extra"] = "forbid"
+            api.input_spec.model_rebuild(force=True)
     # Only the APIs that take JSON alone (the image APIs take multipart too, and check their own sizes).
     json_routes = frozenset(
         api.route

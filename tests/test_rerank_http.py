@@ -122,6 +122,7 @@ BAD_RERANK = [
     ("top_k negative", {"query": "q", "documents": ["a"], "top_k": -1}),
     ("top_k not a number", {"query": "q", "documents": ["a"], "top_k": "two"}),
     ("instruction not a string", {"query": "q", "documents": ["a"], "instruction": 5}),
+    ("Cohere's top_n on the seed path", {"query": "q", "documents": ["a", "b"], "top_n": 1}),  # not ignored
 ]
 BAD_SCORE = [
     ("empty query", {"query": "", "document": "a"}),

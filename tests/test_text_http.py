@@ -95,6 +95,7 @@ BAD_REQUESTS = [
     ("/embed/texts", {"texts": ["ok", None]}),
     ("/embed/texts", {"texts": ["ok", ""]}),
     ("/embed/texts", {"texts": ["ok"] * 9}),  # over EMBED_MAX_ITEMS_PER_REQUEST=8
+    ("/embed/texts", {"texts": ["ok"], "dimension": 16}),  # a misspelt field is refused, not ignored
 ]
 
 
