@@ -105,22 +105,15 @@ def run_splitting_on_oom(run: Callable[[list[int]], list[Result]], indices: list
 
 @dataclass
 class BatchStats:
-    """Counters that /health and the tests read."""
+    """Counters that /health and the tests read (timings and token counts go to the observer's metrics)."""
 
     batches: int = 0
     items: int = 0
-    queue_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)  # the last few, for /health and tests
-    forward_passes: int = 0
-    tokens: int = 0  # real tokens through the model
-    padded_tokens: int = 0  # token positions the model computed, padding included
+    batch_sizes: list[int] = field(default_factory=list)  # the last few, for the tests
 
-    def record(self, size: int, queued: float, computed: float) -> None:
+    def record(self, size: int) -> None:
         self.batches += 1
         self.items += size
-        self.queue_seconds += queued
-        self.compute_seconds += computed
         self.batch_sizes = [*self.batch_sizes[-63:], size]
 
 
@@ -170,9 +163,6 @@ class Batcher(Generic[Item, Result]):
 
     def forward_done(self, kind: str, items: int, tokens: int = 0, padded_tokens: int = 0) -> None:
         """The runner reports each forward pass here (from the worker thread): sizes and padding."""
-        self.stats.forward_passes += 1
-        self.stats.tokens += tokens
-        self.stats.padded_tokens += padded_tokens
         self._tell("forward_done", kind, items, tokens, padded_tokens)
 
     def _tell(self, event: str, *args: Any) -> None:
@@ -267,7 +257,7 @@ class Batcher(Generic[Item, Result]):
         finished = time.perf_counter()
         waits = [started - job.enqueued_at for job in jobs]
         self._last_batch = (len(items), finished - started)
-        self.stats.record(len(items), sum(waits) / len(waits), finished - started)
+        self.stats.record(len(items))
         self._tell("round_done", len(items), waits, finished - started)
         offset = 0
         for job in jobs:

@@ -13,10 +13,10 @@ import torch
 
 from .batching import Batcher, plan_least_padding, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
-from .errors import InputError, ModelLoadError
+from .errors import ModelLoadError
 from .loading import check_model_files, load_pretrained, load_tokenizer, pick_device, pick_dtype, token_limit
 from .packed import packed_forward_for, right_padded
-from .pooling import SentenceTransformersConfig, make_pooling, read_sentence_transformers_config
+from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
 from .prompts import make_prompt
 from .table import ServiceSpec
 
@@ -123,17 +123,7 @@ class TextEmbedder:
         return [low if low is not None else self.dimension, self.dimension]
 
     def check_dimensions(self, dimensions: int | None) -> int:
-        if dimensions is None:
-            return self.dimension
-        low, high = self.dimensions_range()
-        if not low <= dimensions <= high:
-            if low == high:
-                raise InputError(
-                    f"this model returns {high} dimensions only; `dimensions` must be {high} or absent",
-                    param="dimensions",
-                )
-            raise InputError(f"`dimensions` must be between {low} and {high}, got {dimensions}", param="dimensions")
-        return dimensions
+        return check_dimensions(dimensions, *self.dimensions_range())
 
     async def embed(
         self, texts: list[str], instruction: str | None = None, dimensions: int | None = None

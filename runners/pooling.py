@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
 from .loading import read_json
 
 
@@ -87,7 +87,6 @@ class SentenceTransformersConfig:
 
     pooling: str | None = None
     max_seq_length: int | None = None
-    prompts: dict[str, str] | None = None
 
 
 def read_sentence_transformers_config(model_root: Path) -> SentenceTransformersConfig:
@@ -104,13 +103,22 @@ def read_sentence_transformers_config(model_root: Path) -> SentenceTransformersC
                     f"{model_root}: unsupported pooling mode in {module.get('path')}/config.json: {cfg}"
                 )
     bert_cfg = read_json(model_root / "sentence_bert_config.json") or {}
-    st_cfg = read_json(model_root / "config_sentence_transformers.json") or {}
-    return SentenceTransformersConfig(
-        pooling=pooling,
-        max_seq_length=bert_cfg.get("max_seq_length"),
-        prompts=st_cfg.get("prompts") or None,
-    )
+    return SentenceTransformersConfig(pooling=pooling, max_seq_length=bert_cfg.get("max_seq_length"))
 
 
 def make_pooling(name: str) -> Pooling:
     return POOLINGS[name]()
+
+
+def check_dimensions(requested: int | None, low: int, high: int) -> int:
+    """The output size a request asks for (Matryoshka: the leading `requested` dimensions), checked against
+    what the model was trained for; `high` when the request does not say."""
+    if requested is None:
+        return high
+    if not low <= requested <= high:
+        if low == high:
+            raise InputError(
+                f"this model returns {high} dimensions only; `dimensions` must be {high} or absent", param="dimensions"
+            )
+        raise InputError(f"`dimensions` must be between {low} and {high}, got {requested}", param="dimensions")
+    return requested

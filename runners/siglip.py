@@ -27,6 +27,7 @@ from .config import RunnerConfig, int_setting
 from .errors import InputError, ModelLoadError
 from .images import FORMAT_NAMES, ImageLimits, bytes_from_base64, open_image
 from .loading import load_image_processor, load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
+from .pooling import check_dimensions
 from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -217,12 +218,7 @@ class SiglipEmbedder:
 
     def check_dimensions(self, dimensions: int | None) -> int:
         """SigLIP vectors are not Matryoshka-trained: only the full dimension is served."""
-        if dimensions is not None and dimensions != self.dimension:
-            raise InputError(
-                f"this model returns {self.dimension} dimensions only; `dimensions` must be {self.dimension} or absent",
-                param="dimensions",
-            )
-        return self.dimension
+        return check_dimensions(dimensions, self.dimension, self.dimension)
 
     async def embed_counted(
         self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
