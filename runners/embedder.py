@@ -84,7 +84,7 @@ class TextEmbedder:
         self.max_length = token_limit(config.max_length, own.max_seq_length or spec.default_max_length, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
-        # Qwen3 decoders run padding-free (packed sequences); other architectures run padded.
+        # Architectures with a padding-free forward (packed sequences) run it; others run padded.
         self.packed = packed_forward_for(model, config, self.device)
         self.batcher: Batcher[str, tuple[torch.Tensor, int]] = Batcher(
             self._embed_batch,
@@ -188,7 +188,7 @@ class TextEmbedder:
     @torch.inference_mode()
     def _forward_packed(self, batch: list[list[int]]) -> torch.Tensor:
         assert self.packed is not None
-        hidden, cu_seqlens = self.packed.forward(batch, last_tokens_only=self.pooling.last_token_only)
+        hidden, cu_seqlens = self.packed.forward(batch, rows=self.pooling.reads)
         pooled = self.pooling.packed(hidden, cu_seqlens).float()
         tokens = sum(len(ids) for ids in batch)
         self.batcher.forward_done("text", len(batch), tokens, tokens)  # packed: no padding at all

@@ -1,10 +1,11 @@
-"""Padding-free forward passes for Qwen3 decoders (Qwen3-Embedding, Qwen3-Reranker, Qwen3-4B).
+"""Padding-free forward passes: Qwen3 decoders (Qwen3-Embedding, Qwen3-Reranker, Qwen3-4B) and BERT encoders.
 
 A micro-batch is one packed row of tokens, [total_tokens, hidden], with cumulative sequence
 offsets `cu_seqlens` marking where each text starts. Every matmul then works on real tokens only
-(no padding, whatever the length mix), and attention runs per sequence: torch's own flash
-attention over packed sequences (`torch.nn.attention.varlen.varlen_attn`) on a GPU, a causal
-scaled-dot-product loop on the CPU.
+(no padding, whatever the length mix), and attention runs per sequence: for Qwen3, torch's own
+flash attention over packed sequences (`torch.nn.attention.varlen.varlen_attn`) on a GPU, a causal
+scaled-dot-product loop on the CPU; for BERT, one masked scaled-dot-product call over the batch
+padded for attention only (a small part of an encoder's work on short texts).
 
 The weights are the Hugging Face model's own modules, used as they are (bitsandbytes layers
 included); only the glue between them is rewritten. tests/test_packed.py proves the result equals
@@ -37,11 +38,38 @@ def supports_packing(model: Any) -> bool:
     )
 
 
-def packed_forward_for(model: Any, config: Any, device: torch.device) -> PackedQwen3 | None:
+def supports_bert_packing(model: Any) -> bool:
+    """BERT encoders with absolute positions (BGE, MiniLM): the architecture PackedBert reproduces."""
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "model_type", None) == "bert"
+        and not getattr(config, "is_decoder", False)
+        and getattr(config, "position_embedding_type", "absolute") == "absolute"
+        and hasattr(model, "embeddings")
+        and hasattr(model, "encoder")
+    )
+
+
+def packed_forward_for(model: Any, config: Any, device: torch.device) -> PackedQwen3 | PackedBert | None:
     """The padding-free forward for this model, when its architecture has one and EMBED_PACKED allows it."""
-    if not config.packed or not supports_packing(model):
+    if not config.packed:
         return None
-    return PackedQwen3(model, compile=config.compiles_on(device))
+    if supports_packing(model):
+        return PackedQwen3(model, compile=config.compiles_on(device))
+    # BERT packs on the CPU, where it was measured (bench/cpu_serving.py); on GPUs Hugging Face's padded
+    # forward stays until a GPU run compares the two (bench/gpu_throughput.py, bert-large rows).
+    if supports_bert_packing(model) and device.type == "cpu":
+        return PackedBert(model)
+    return None
+
+
+def kept_rows(cu_seqlens: torch.Tensor, rows: str) -> torch.Tensor | None:
+    """The one row per text that a pooling reads ("first" or "last"), or None when it reads them all."""
+    if rows == "first":
+        return cu_seqlens[:-1].long()
+    if rows == "last":
+        return cu_seqlens[1:].long() - 1
+    return None
 
 
 def right_padded(
@@ -104,22 +132,20 @@ class PackedQwen3:
         """Compile now, at start-up, not on the first request; a compiler that fails means eager, not a crash.
         torch.compile specializes sizes of one, so single-text batches are warmed up as well as larger ones."""
         try:
-            for last_tokens_only in (False, True):  # both ways the final layer runs
-                self.forward([[1, 2, 3], [4, 5]], last_tokens_only=last_tokens_only)
-                self.forward([[1, 2, 3]], last_tokens_only=last_tokens_only)  # one text: its own specialization
+            for rows in ("all", "last"):  # both ways the final layer runs
+                self.forward([[1, 2, 3], [4, 5]], rows=rows)
+                self.forward([[1, 2, 3]], rows=rows)  # one text: its own specialization
         except Exception as exc:  # torch.compile raises many kinds of errors
             log.warning("torch.compile failed (%s: %s); running the packed layers eagerly", type(exc).__name__, exc)
             self._inputs, self._outputs, self.compiled = _attention_inputs, _attention_output_and_mlp, False
 
     @torch.inference_mode()
-    def forward(
-        self, token_ids: Sequence[Sequence[int]], *, last_tokens_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, token_ids: Sequence[Sequence[int]], *, rows: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (hidden [T, hidden], cu_seqlens [n+1]).
 
-        last_tokens_only: the caller reads each text's last position only (last-token pooling, reranking),
-        so the final layer's output projection and MLP run on those n rows, not all T; hidden is then
-        [n, hidden], one row per text, and cu_seqlens says so (0, 1, ..., n).
+        rows="first" or "last": the caller reads one position of each text only (a pooling's `reads`;
+        reranking reads the last), so the final layer's output projection and MLP run on those n rows,
+        not all T; hidden is then [n, hidden], one row per text, and cu_seqlens says so (0, 1, ..., n).
         """
         model = self.model
         device = model.embed_tokens.weight.device
@@ -145,10 +171,10 @@ class PackedQwen3:
                 v = attn.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
                 q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             out = self._attend(q, k, v, cu_seqlens, longest).reshape(tokens, -1)
-            if last_tokens_only and index == final:
-                last = cu_seqlens[1:].long() - 1
-                out, hidden = out[last], hidden[last]
-                cu_seqlens = torch.arange(len(last) + 1, dtype=cu_seqlens.dtype, device=device)  # a row per text
+            kept = kept_rows(cu_seqlens, rows) if index == final else None
+            if kept is not None:
+                out, hidden = out[kept], hidden[kept]
+                cu_seqlens = torch.arange(len(kept) + 1, dtype=cu_seqlens.dtype, device=device)  # a row per text
             if self.functional:
                 hidden = self._outputs(
                     out, hidden, _weight(attn.o_proj), layer.post_attention_layernorm.weight, _weight(mlp.gate_proj),
@@ -166,6 +192,65 @@ class PackedQwen3:
         if self._varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             return self._varlen(q, k, v, cu_seqlens, longest, self.heads // self.kv_heads, self.scale)
         return _causal_attention_per_sequence(q, k, v, cu_seqlens, self.scale)
+
+
+class PackedBert:
+    """forward(token_ids) -> last-layer hidden states [T, hidden] of a packed micro-batch, for BERT encoders.
+
+    The model's own modules do the work (embeddings with positions restarting at each text, the
+    linear layers, LayerNorms and GELU on the packed tokens); only self-attention is rewritten: the
+    packed q/k/v are laid out [texts, longest, hidden] for one masked SDPA call and packed again.
+    """
+
+    compiled = False
+
+    def __init__(self, model: Any) -> None:
+        if not supports_bert_packing(model):
+            raise ValueError("PackedBert needs a BERT encoder with absolute position embeddings")
+        self.model = model
+        self.heads = model.config.num_attention_heads
+        self.head_dim = model.config.hidden_size // self.heads
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Sequence[Sequence[int]], *, rows: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (hidden [T, hidden], cu_seqlens [n+1]); rows as in PackedQwen3.forward."""
+        model = self.model
+        device = model.embeddings.word_embeddings.weight.device
+        ids, positions, cu_seqlens = pack(token_ids, device)
+        hidden = model.embeddings(
+            input_ids=ids[None], position_ids=positions[None], token_type_ids=torch.zeros_like(ids)[None]
+        )[0]
+        # Where each text's tokens sit in the [texts, longest] layout attention uses; padding reads row T (zeros).
+        lengths = cu_seqlens.diff().long()
+        longest = int(lengths.max())
+        offsets = torch.arange(longest, device=device)
+        real = offsets[None, :] < lengths[:, None]  # [n, longest]
+        layout = torch.where(real, cu_seqlens[:-1, None].long() + offsets[None, :], hidden.shape[0])
+        key_mask = real[:, None, None, :]  # attend to real keys only
+        final = len(model.encoder.layer) - 1
+        for index, layer in enumerate(model.encoder.layer):
+            attention = layer.attention
+            out = self._attend(attention.self, hidden, layout, key_mask, real)
+            kept = kept_rows(cu_seqlens, rows) if index == final else None
+            if kept is not None:
+                out, hidden = out[kept], hidden[kept]
+                cu_seqlens = torch.arange(len(kept) + 1, dtype=cu_seqlens.dtype, device=device)  # a row per text
+            hidden = attention.output(out, hidden)  # dense, residual, LayerNorm
+            hidden = layer.output(layer.intermediate(hidden), hidden)  # dense + GELU, dense, residual, LayerNorm
+        return hidden, cu_seqlens
+
+    def _attend(
+        self, attention: Any, hidden: torch.Tensor, layout: torch.Tensor, key_mask: torch.Tensor, real: torch.Tensor
+    ) -> torch.Tensor:
+        texts, longest = layout.shape
+
+        def heads(linear: Any) -> torch.Tensor:  # packed [T, hidden] -> [texts, heads, longest, head_dim]
+            x = F.pad(linear(hidden), (0, 0, 0, 1))[layout]
+            return x.view(texts, longest, self.heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(attention.query), heads(attention.key), heads(attention.value)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attention.scaling)
+        return out.transpose(1, 2).reshape(texts * longest, -1)[real.flatten()]
 
 
 def _plain_linear(layer: Any) -> bool:

@@ -19,7 +19,7 @@ from .loading import read_json
 
 class Pooling(Protocol):
     name: str
-    last_token_only: bool  # reads nothing but each text's last position
+    reads: str  # the positions it reads: "all", or one per text ("first", "last"); packed forwards skip the rest
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden: [batch, seq, dim]; mask: [batch, seq] of 0/1, right-padded. Returns [batch, dim]."""
@@ -32,7 +32,7 @@ class Pooling(Protocol):
 
 class ClsPooling:
     name = "cls"
-    last_token_only = False
+    reads = "first"
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return hidden[:, 0]
@@ -43,7 +43,7 @@ class ClsPooling:
 
 class MeanPooling:
     name = "mean"
-    last_token_only = False
+    reads = "all"
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -61,7 +61,7 @@ class LastTokenPooling:
     """The hidden state of the last real token (right padding: position length - 1)."""
 
     name = "last"
-    last_token_only = True
+    reads = "last"
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last = mask.sum(dim=1) - 1

@@ -173,7 +173,7 @@ class Reranker:
     def _forward(self, batch: list[list[int]]) -> list[float]:
         tokens = sum(len(ids) for ids in batch)
         if self.packed is not None:
-            hidden, cu_seqlens = self.packed.forward(batch, last_tokens_only=True)
+            hidden, cu_seqlens = self.packed.forward(batch, rows="last")
             last = self.last_token.packed(hidden, cu_seqlens).float()  # [batch, hidden]
             self.batcher.forward_done("pair", len(batch), tokens, tokens)  # packed: no padding at all
         else:

@@ -56,7 +56,8 @@ def embed_all(embedder: TextEmbedder, requests: list[list[str]]) -> list:
 
 def oom_when(embedder: TextEmbedder, monkeypatch, too_big) -> list[int]:
     """Make the forward pass raise torch.OutOfMemoryError when too_big(batch); return the batch sizes seen."""
-    real_forward = embedder._forward_padded
+    name = "_forward_packed" if embedder.packed is not None else "_forward_padded"  # the path this model runs
+    real_forward = getattr(embedder, name)
     sizes: list[int] = []
 
     def forward(batch: list[list[int]]) -> torch.Tensor:
@@ -65,7 +66,7 @@ def oom_when(embedder: TextEmbedder, monkeypatch, too_big) -> list[int]:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real_forward(batch)
 
-    monkeypatch.setattr(embedder, "_forward_padded", forward)  # BGE: the padded path
+    monkeypatch.setattr(embedder, name, forward)
     return sizes
 
 

