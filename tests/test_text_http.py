@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -135,3 +136,22 @@ def test_a_missing_model_stops_start_up_with_a_message_naming_the_variable(tmp_p
         for _ in serve("BgeEmbed", {"BGE_EMBED_MODEL": str(tmp_path / "nowhere")}, tmp_path / "bad.log", timeout=90):
             pass
     assert "BGE_EMBED_MODEL" in str(failure.value) and "no such directory" in str(failure.value)
+
+
+def test_requests_keep_fresh_trace_ids_but_record_no_spans_without_an_exporter(bge):
+    """BentoML would record a span per request even with tracing off; here none is recorded (service.py:
+    record_spans_only_when_exported), while the access log still gets a fresh trace id per request."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    import service  # noqa: F401 - importing it is what sets the provider
+
+    span = BentoMLContainer.tracer_provider.get().get_tracer("test").start_span("request")
+    assert not span.is_recording() and span.get_span_context().is_valid
+    for text in ("一只猫", "黑狗", "草地"):
+        assert bge.post("/embed/text", json={"text": text}).status_code == 200
+    logged = re.findall(
+        r"path=/embed/text,.*\(status=200.*trace=([0-9a-f]{32}),span=([0-9a-f]{16})", bge.log_path.read_text()
+    )
+    assert len(logged) >= 3
+    traces = [trace for trace, _ in logged]
+    assert len(set(traces)) == len(traces) and "0" * 32 not in traces
