@@ -26,6 +26,7 @@ from conftest import build_qwen_tokenizer  # noqa: E402  (a tokenizer with Qwen'
 
 from runners.config import RunnerConfig  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
+from runners.packed import PackedBert  # noqa: E402
 from runners.table import SERVICES  # noqa: E402
 
 QWEN3_8B = dict(
@@ -170,13 +171,20 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
             variants = {name: env for name, env in variants.items() if "compiled 32k" in name}
         # Reranking is this forward on query+document pairs of 150-350 tokens, read at the last position.
         sets["rerank pairs 150-350"] = token_texts(1024 // scale, 150, 350, shape["vocab_size"], 3)
+    if kind == "bert":  # PackedBert runs on the CPU only, until these rows show whether it pays on a GPU
+        variants["ours packed (PackedBert) 16k"] = {"EMBED_MAX_BATCH_TOKENS": "16384", "force_packed": "1"}
     probe = sets["short 8-64"][:32]
     full_precision = None
 
     def runner_for(env):
         if env is None:
             return lambda batch: naive_hf(model, batch)
-        return embedder_for(seed_name, model, tokenizer, **env).embed_token_ids
+        env = dict(env)
+        force_packed = env.pop("force_packed", None)
+        embedder = embedder_for(seed_name, model, tokenizer, **env)
+        if force_packed:
+            embedder.packed = PackedBert(model)
+        return embedder.embed_token_ids
 
     for variant, env in variants.items():
         if env and env.pop("fp8", None):
@@ -213,6 +221,10 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
                 f"{100 * row['matmul_fraction']:5.1f}% of matmul",
                 flush=True,
             )
+    if kind == "bert":
+        a = torch.stack(runner_for(variants["ours packed (PackedBert) 16k"])(probe))
+        b = torch.stack(runner_for({"EMBED_PACKED": "0"})(probe))
+        check("PackedBert vs padded min cosine", name, a, b, results)
     if kind == "qwen3" and full_precision is None:  # the fast path computes what the padded one does
         a = torch.stack(runner_for({"EMBED_COMPILE": "1"})(probe))
         b = torch.stack(runner_for({"EMBED_PACKED": "0"})(probe))
