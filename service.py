@@ -42,6 +42,11 @@ NonBlankText = t.Annotated[str, Field(json_schema_extra={"minLength": 1, "patter
 NonBlankTexts = t.Annotated[list[NonBlankText], Field(json_schema_extra={"minItems": 1})]
 # Strict: pydantic would otherwise take true as 1 and "256" or 256.0 as 256.
 Dimensions = t.Optional[t.Annotated[int, Field(strict=True)]]
+# The same for top_k (true would be top_k=1) and return_documents ("no" or 0 would be false).
+TopK = t.Optional[t.Annotated[int, Field(strict=True, json_schema_extra={"minimum": 1})]]
+Flag = t.Annotated[bool, Field(strict=True)]
+# Rerank documents may be empty strings: an empty caption is still a document, and is scored.
+Documents = t.Annotated[list[str], Field(json_schema_extra={"minItems": 1})]
 
 
 class EmbeddingResponse(BaseModel):
@@ -181,11 +186,11 @@ class Reranking(ServiceBase):
     @json_errors
     async def rerank(
         self,
-        query: str,
-        documents: list[str],
-        top_k: t.Optional[int] = None,
+        query: NonBlankText,
+        documents: Documents,
+        top_k: TopK = None,
         instruction: t.Optional[str] = None,
-        return_documents: bool = True,
+        return_documents: Flag = True,
     ) -> RerankResponse:
         """Score every document against the query; the best first, at most top_k. Scores are P(relevant) in [0, 1]."""
         require_text(query, "query")
@@ -208,7 +213,9 @@ class Reranking(ServiceBase):
 
     @bentoml.api(route="/rerank/score")
     @json_errors
-    async def rerank_score(self, query: str, document: str, instruction: t.Optional[str] = None) -> ScoreResponse:
+    async def rerank_score(
+        self, query: NonBlankText, document: str, instruction: t.Optional[str] = None
+    ) -> ScoreResponse:
         """The relevance of one document to the query, P(relevant) in [0, 1]."""
         [score] = await self.engine.score(require_text(query, "query"), [document], instruction)
         return ScoreResponse(score=score)
@@ -227,6 +234,7 @@ class Rejected:
 # In a multipart form an image is a file part; in JSON it is base64 or a data: URI.
 UploadedFile = t.Annotated[UploadFile, WithJsonSchema({"type": "string", "format": "binary"})]
 ImageField = t.Union[str, UploadedFile]
+ImageFields = t.Annotated[list[ImageField], Field(json_schema_extra={"minItems": 1})]
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -273,12 +281,12 @@ class ImageInput(FormOrJSON):
 
 
 class ImagesInput(FormOrJSON):
-    images: list[ImageField]
+    images: ImageFields
 
 
 class SimilarityInput(FormOrJSON):
-    text: str
-    images: list[ImageField]
+    text: NonBlankText
+    images: ImageFields
 
 
 class Score(BaseModel):
@@ -342,14 +350,14 @@ class ImageEmbedding(ServiceBase):
 
     @bentoml.api(route="/embed/text")
     @json_errors
-    async def embed_text(self, text: str) -> EmbeddingResponse:
+    async def embed_text(self, text: NonBlankText) -> EmbeddingResponse:
         """Embed one text with the text tower, to search image vectors."""
         [vector] = await self.engine.embed_texts([require_text(text, "text")])
         return EmbeddingResponse(embedding=vector, dimension=len(vector))
 
     @bentoml.api(route="/embed/texts")
     @json_errors
-    async def embed_texts(self, texts: list[str]) -> EmbeddingsResponse:
+    async def embed_texts(self, texts: NonBlankTexts) -> EmbeddingsResponse:
         """Embed several texts with the text tower, in input order."""
         texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
         vectors = await self.engine.embed_texts(texts)
