@@ -26,7 +26,15 @@ from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig, int_setting
 from .errors import InputError, ModelLoadError
 from .images import FORMAT_NAMES, ImageLimits, bytes_from_base64, open_image
-from .loading import load_image_processor, load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
+from .loading import (
+    MAX_CHARS_PER_TOKEN,
+    load_image_processor,
+    load_pretrained,
+    load_tokenizer,
+    locate,
+    pick_device,
+    pick_dtype,
+)
 from .pooling import check_dimensions
 from .table import ServiceSpec
 
@@ -305,8 +313,10 @@ class SiglipEmbedder:
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         # Lower-cased: the model was trained on lower-cased text. Padded at the end to exactly max_length:
         # SigLIP pools the last position and was trained so (Gemma's tokenizer pads on the left by default).
+        # Cut first, as the text runner does: a 10 MB text is not tokenized whole to keep max_length tokens.
+        longest = self.max_length * MAX_CHARS_PER_TOKEN
         encoded = self.tokenizer(
-            [text.lower() for text in texts],
+            [text[:longest].lower() for text in texts],
             padding="max_length",
             max_length=self.max_length,
             truncation=True,
