@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import compat
 from runners.config import int_setting
 from runners.errors import InputError, Overloaded
+from runners.images import ImageSettings
 from runners.table import SERVICES, ServiceSpec
 
 # What require_text / require_texts enforce, declared in the OpenAPI document too (schema only: the
@@ -42,6 +43,11 @@ NonBlankText = t.Annotated[str, Field(json_schema_extra={"minLength": 1, "patter
 NonBlankTexts = t.Annotated[list[NonBlankText], Field(json_schema_extra={"minItems": 1})]
 # Strict: pydantic would otherwise take true as 1 and "256" or 256.0 as 256.
 Dimensions = t.Optional[t.Annotated[int, Field(strict=True)]]
+# The same for top_k (true would be top_k=1) and return_documents ("no" or 0 would be false).
+TopK = t.Optional[t.Annotated[int, Field(strict=True, json_schema_extra={"minimum": 1})]]
+Flag = t.Annotated[bool, Field(strict=True)]
+# Rerank documents may be empty strings: an empty caption is still a document, and is scored.
+Documents = t.Annotated[list[str], Field(json_schema_extra={"minItems": 1})]
 
 
 class EmbeddingResponse(BaseModel):
@@ -87,7 +93,7 @@ ERROR_SCHEMA: dict[str, t.Any] = {
 ERROR_ANSWERS: dict[int, str] = {
     400: "Bad input: malformed JSON, a wrong type, a missing field, an empty text, an option out of range",
     413: "More items than the service takes in one request, or a body over <NAME>_MAX_REQUEST_MB",
-    415: "The body is not JSON (send Content-Type: application/json)",
+    415: "The body is not JSON (send Content-Type: application/json), nor a form where the API takes one",
     503: "Overloaded: the input does not fit in device memory even alone",
 }
 JSON_MEDIA_TYPES = ("", "application/json")
@@ -181,11 +187,11 @@ class Reranking(ServiceBase):
     @json_errors
     async def rerank(
         self,
-        query: str,
-        documents: list[str],
-        top_k: t.Optional[int] = None,
+        query: NonBlankText,
+        documents: Documents,
+        top_k: TopK = None,
         instruction: t.Optional[str] = None,
-        return_documents: bool = True,
+        return_documents: Flag = True,
     ) -> RerankResponse:
         """Score every document against the query; the best first, at most top_k. Scores are P(relevant) in [0, 1]."""
         require_text(query, "query")
@@ -208,7 +214,9 @@ class Reranking(ServiceBase):
 
     @bentoml.api(route="/rerank/score")
     @json_errors
-    async def rerank_score(self, query: str, document: str, instruction: t.Optional[str] = None) -> ScoreResponse:
+    async def rerank_score(
+        self, query: NonBlankText, document: str, instruction: t.Optional[str] = None
+    ) -> ScoreResponse:
         """The relevance of one document to the query, P(relevant) in [0, 1]."""
         [score] = await self.engine.score(require_text(query, "query"), [document], instruction)
         return ScoreResponse(score=score)
@@ -227,6 +235,7 @@ class Rejected:
 # In a multipart form an image is a file part; in JSON it is base64 or a data: URI.
 UploadedFile = t.Annotated[UploadFile, WithJsonSchema({"type": "string", "format": "binary"})]
 ImageField = t.Union[str, UploadedFile]
+ImageFields = t.Annotated[list[ImageField], Field(json_schema_extra={"minItems": 1})]
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
@@ -242,12 +251,8 @@ class FormOrJSON(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: t.Any) -> t.Any:
+        # The body's media type and size were checked before (RequestBodies, with image_request_limits).
         limits = bentoml.get_current_service().request_limits()
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits["body"]:
-            return cls._rejected(
-                InputError(f"the request body is {declared} bytes; at most {limits['body']}", status=413)
-            )
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in FORM_TYPES:
             return await super().from_http_request(request, serde)
@@ -273,12 +278,12 @@ class ImageInput(FormOrJSON):
 
 
 class ImagesInput(FormOrJSON):
-    images: list[ImageField]
+    images: ImageFields
 
 
 class SimilarityInput(FormOrJSON):
-    text: str
-    images: list[ImageField]
+    text: NonBlankText
+    images: ImageFields
 
 
 class Score(BaseModel):
@@ -291,6 +296,12 @@ class SimilarityResponse(BaseModel):
     scores: list[Score]  # in input order
     scale: float
     bias: float
+
+
+def image_request_limits(settings: ImageSettings) -> dict[str, int]:
+    """Body and form-field sizes that can hold the allowed images (base64 is 4/3 of the bytes)."""
+    encoded = settings.limits.max_bytes * 4 // 3 + 1024
+    return {"form_field": encoded, "body": settings.max_images_per_request * encoded + 1024 * 1024}
 
 
 async def read_image_field(value: t.Any, name: str, max_bytes: int) -> bytes | str:
@@ -314,10 +325,7 @@ class ImageEmbedding(ServiceBase):
         self.engine = SiglipEmbedder(self.spec)
 
     def request_limits(self) -> dict[str, int]:
-        """Body and form-field sizes that can hold the allowed images (base64 is 4/3 of the bytes)."""
-        settings = self.engine.settings
-        encoded = settings.limits.max_bytes * 4 // 3 + 1024
-        return {"form_field": encoded, "body": settings.max_images_per_request * encoded + 1024 * 1024}
+        return image_request_limits(self.engine.settings)
 
     async def _read(self, values: list[t.Any], names: list[str]) -> list[bytes | str]:
         max_bytes = self.engine.settings.limits.max_bytes
@@ -342,14 +350,14 @@ class ImageEmbedding(ServiceBase):
 
     @bentoml.api(route="/embed/text")
     @json_errors
-    async def embed_text(self, text: str) -> EmbeddingResponse:
+    async def embed_text(self, text: NonBlankText) -> EmbeddingResponse:
         """Embed one text with the text tower, to search image vectors."""
         [vector] = await self.engine.embed_texts([require_text(text, "text")])
         return EmbeddingResponse(embedding=vector, dimension=len(vector))
 
     @bentoml.api(route="/embed/texts")
     @json_errors
-    async def embed_texts(self, texts: list[str]) -> EmbeddingsResponse:
+    async def embed_texts(self, texts: NonBlankTexts) -> EmbeddingsResponse:
         """Embed several texts with the text tower, in input order."""
         texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
         vectors = await self.engine.embed_texts(texts)
@@ -375,18 +383,22 @@ KIND_BASES: dict[str, type[ServiceBase]] = {
 }
 
 
-class JsonBodies:
-    """ASGI middleware for the JSON APIs: a body that is not JSON gets a 415, a body over `max_bytes` a 413,
-    both as JSON and before BentoML reads or parses it.
+class RequestBodies:
+    """ASGI middleware for the API routes: a body of another media type than `media_types` gets a 415, a body
+    over `max_bytes` a 413, both as JSON and before BentoML reads or parses it.
 
-    BentoML would otherwise parse form and multipart bodies too (a multipart body without a boundary
-    escapes its parser as a 500), and it reads a body of any size into memory.
+    BentoML would otherwise parse form and multipart bodies on the JSON APIs too (a multipart body without
+    a boundary escapes its parser as a 500), and it reads a body of any size into memory, a chunked one
+    (no Content-Length) included.
     """
 
-    def __init__(self, app: ASGIApp, routes: frozenset[str], max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: frozenset[str], max_bytes: int, media_types: tuple[str, ...] = JSON_MEDIA_TYPES
+    ) -> None:
         self.app = app
         self.routes = routes
         self.max_bytes = max_bytes
+        self.media_types = media_types
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.routes:
@@ -394,8 +406,9 @@ class JsonBodies:
             return
         headers = dict(scope["headers"])
         media_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if media_type not in JSON_MEDIA_TYPES:
-            message = f"send the body as JSON (Content-Type: application/json), not {media_type}"
+        if media_type not in self.media_types:
+            wanted = " or ".join(kind for kind in self.media_types if kind)
+            message = f"send the body as {wanted} (Content-Type), not {media_type}"
             await error_response(415, message)(scope, receive, send)
             return
         too_large = error_response(413, f"the request body is larger than {self.max_bytes} bytes")
@@ -540,14 +553,20 @@ def build_service(spec: ServiceSpec) -> t.Any:
         if not issubclass(api.input_spec, FormOrJSON):
             api.input_spec.model_config["extra"] = "forbid"
             api.input_spec.model_rebuild(force=True)
-    # Only the APIs that take JSON alone (the image APIs take multipart too, and check their own sizes).
+    # The APIs that take JSON alone, up to MAX_REQUEST_MB; the image APIs take forms too, up to what the
+    # allowed images need.
     json_routes = frozenset(
         api.route
         for api in svc.apis.values()
         if api.input_spec.mime_type() == "application/json" and not issubclass(api.input_spec, FormOrJSON)
     )
     max_bytes = int_setting(spec, "MAX_REQUEST_MB", 32) * 2**20
-    svc.add_asgi_middleware(JsonBodies, routes=json_routes, max_bytes=max_bytes)
+    svc.add_asgi_middleware(RequestBodies, routes=json_routes, max_bytes=max_bytes)
+    form_routes = frozenset(api.route for api in svc.apis.values() if issubclass(api.input_spec, FormOrJSON))
+    if form_routes:
+        image_body = image_request_limits(ImageSettings.from_env(spec))["body"]
+        media_types = (*JSON_MEDIA_TYPES, *FORM_TYPES)
+        svc.add_asgi_middleware(RequestBodies, routes=form_routes, max_bytes=image_body, media_types=media_types)
     # The OpenAI / Cohere-compatible routes (compat.py), their error shape, and the optional API key
     # (middleware added first wraps the later ones: the key check's 401 is reshaped on /v1 too).
     svc.mount_asgi_app(compat.protocol_app(spec), path="/", name="protocols")

@@ -14,7 +14,15 @@ import torch
 from .batching import Batcher, plan_least_padding, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import ModelLoadError
-from .loading import check_model_files, load_pretrained, load_tokenizer, pick_device, pick_dtype, token_limit
+from .loading import (
+    MAX_CHARS_PER_TOKEN,
+    check_model_files,
+    load_pretrained,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    token_limit,
+)
 from .packed import packed_forward_for, right_padded
 from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
 from .prompts import make_prompt
@@ -24,12 +32,6 @@ log = logging.getLogger(__name__)
 
 # Qwen3-Embedding pools the hidden state of this token, which must end every sequence exactly once.
 END_OF_TEXT = "<|endoftext|>"
-
-# A text is cut to max_length x this many characters before it is tokenized: a 10 MB text would
-# otherwise hold the model's thread for seconds only to be truncated to max_length tokens. Real
-# tokens average 1-6 characters, so the cut never reaches the tokens that are kept, unless the
-# text's first max_length tokens average more than this (runs of thousands of spaces).
-MAX_CHARS_PER_TOKEN = 32
 
 # On the CPU padding costs as much as real tokens, and a forward pass costs about this many tokens more
 # than its tokens (MiniLM-L6 on 2 EPYC cores: ~3 ms per pass, ~0.12 ms per token), so batches are cut

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,26 @@ class ImageLimits:
         """
         Image.MAX_IMAGE_PIXELS = self.max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files are errors, never half-grey pictures
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What the image service takes. Read from the environment alone, so that the HTTP layer can size its
+    request limits before any model is loaded."""
+
+    limits: ImageLimits
+    max_images_per_request: int
+    max_batch_images: int  # images in one forward pass
+    decode_threads: int
+
+    @classmethod
+    def from_env(cls, spec: ServiceSpec) -> ImageSettings:
+        return cls(
+            limits=ImageLimits.from_env(spec),
+            max_images_per_request=int_setting(spec, "MAX_IMAGES_PER_REQUEST", 64),
+            max_batch_images=int_setting(spec, "MAX_BATCH_IMAGES", 32),
+            decode_threads=int_setting(spec, "DECODE_THREADS", min(8, os.cpu_count() or 1)),
+        )
 
 
 def bytes_from_base64(text: str, limits: ImageLimits, param: str) -> bytes:

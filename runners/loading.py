@@ -270,6 +270,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
 
 
+# A text is cut to its token limit x this many characters before it is tokenized: a 10 MB text would
+# otherwise hold the model's thread for seconds only to be truncated to that many tokens. Real tokens
+# average 1-6 characters, so the cut never reaches the tokens that are kept, unless the text's first
+# tokens average more than this (runs of thousands of spaces).
+MAX_CHARS_PER_TOKEN = 32
+
+
 def token_limit(configured: int | None, preferred: int, model: Any) -> int:
     """The longest sequence to feed the model: `<NAME>_MAX_LENGTH` if set, else the preferred limit, and never
     more than the model's position embeddings (a longer input would crash the forward, not be truncated)."""

@@ -24,6 +24,7 @@ from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import ModelLoadError
 from .loading import (
+    MAX_CHARS_PER_TOKEN,
     ModelFiles,
     load_pretrained,
     load_tokenizer,
@@ -159,8 +160,11 @@ class Reranker:
 
     def tokenize(self, pairs: list[Pair]) -> list[list[int]]:
         """prefix + body + suffix; the body alone is cut (at its end) so that the whole fits max_length."""
+        # Each part is cut to the characters the body's tokens can hold first (a 10 MB document would
+        # otherwise be tokenized whole, holding the model's thread for seconds, only to be cut here).
+        longest = self.body_room * MAX_CHARS_PER_TOKEN
         bodies = self.tokenizer(
-            [prompt_body(pair.query, pair.document, pair.instruction) for pair in pairs],
+            [prompt_body(pair.query[:longest], pair.document[:longest], pair.instruction[:longest]) for pair in pairs],
             add_special_tokens=False,
             truncation=True,
             max_length=self.body_room,

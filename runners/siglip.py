@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Union
@@ -23,10 +22,18 @@ from typing import Any, Union
 import torch
 
 from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
-from .config import RunnerConfig, int_setting
+from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
-from .images import FORMAT_NAMES, ImageLimits, bytes_from_base64, open_image
-from .loading import load_image_processor, load_pretrained, load_tokenizer, locate, pick_device, pick_dtype
+from .images import FORMAT_NAMES, ImageSettings, bytes_from_base64, open_image
+from .loading import (
+    MAX_CHARS_PER_TOKEN,
+    load_image_processor,
+    load_pretrained,
+    load_tokenizer,
+    locate,
+    pick_device,
+    pick_dtype,
+)
 from .pooling import check_dimensions
 from .table import ServiceSpec
 
@@ -36,23 +43,6 @@ log = logging.getLogger(__name__)
 ImageSource = Union[bytes, str]
 # The text tower's inputs we pass on; a tokenizer may return more (token_type_ids) that SigLIP does not take.
 _TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-@dataclass(frozen=True)
-class ImageSettings:
-    limits: ImageLimits
-    max_images_per_request: int
-    max_batch_images: int  # images in one forward pass
-    decode_threads: int
-
-    @classmethod
-    def from_env(cls, spec: ServiceSpec) -> ImageSettings:
-        return cls(
-            limits=ImageLimits.from_env(spec),
-            max_images_per_request=int_setting(spec, "MAX_IMAGES_PER_REQUEST", 64),
-            max_batch_images=int_setting(spec, "MAX_BATCH_IMAGES", 32),
-            decode_threads=int_setting(spec, "DECODE_THREADS", min(8, os.cpu_count() or 1)),
-        )
 
 
 @dataclass(frozen=True)
@@ -305,8 +295,10 @@ class SiglipEmbedder:
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         # Lower-cased: the model was trained on lower-cased text. Padded at the end to exactly max_length:
         # SigLIP pools the last position and was trained so (Gemma's tokenizer pads on the left by default).
+        # Cut first, as the text runner does: a 10 MB text is not tokenized whole to keep max_length tokens.
+        longest = self.max_length * MAX_CHARS_PER_TOKEN
         encoded = self.tokenizer(
-            [text.lower() for text in texts],
+            [text[:longest].lower() for text in texts],
             padding="max_length",
             max_length=self.max_length,
             truncation=True,

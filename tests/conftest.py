@@ -333,6 +333,9 @@ SERVICE_MODEL_FIXTURES: dict[str, str] = {
     "bge_embed": "bge_dir",
     "qwen3_8b_embed": "qwen3_embedding_dir",
     "qwen3_4b_embed": "zimage_root",
+    "qwen3_8b_rerank": "qwen3_reranker_dir",
+    "qwen3_4b_rerank": "zimage_root",  # Qwen3-4B without a head: the 'yes'/'no' rows from its tied embeddings
+    "siglip2_embed": "siglip_dir",
 }
 
 
