@@ -247,7 +247,8 @@ class FormOrJSON(bentoml.IODescriptor):
     and wrong-type answers stay 400 with a JSON body).
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # A misspelt field is refused, not dropped (in JSON by pydantic, in a form below).
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: t.Any) -> t.Any:
@@ -260,6 +261,12 @@ class FormOrJSON(bentoml.IODescriptor):
             form = await request.form(max_part_size=limits["form_field"])
         except (MultiPartException, HTTPException) as exc:  # Starlette re-raises parser errors as a 400 HTTPException
             return cls._rejected(InputError(f"the form could not be read: {getattr(exc, 'detail', exc)}"))
+        unknown = sorted(set(form.keys()) - set(cls.model_fields))
+        if unknown:
+            expected = ", ".join(f"`{name}`" for name in cls.model_fields)
+            return cls._rejected(
+                InputError(f"unknown form field `{unknown[0]}`; this API takes {expected}", param=unknown[0])
+            )
         data: dict[str, t.Any] = {}
         for name, field in cls.model_fields.items():
             values = form.getlist(name)
@@ -548,7 +555,7 @@ def build_service(spec: ServiceSpec) -> t.Any:
     # BentoML's own routes are POST-only; a small mounted app answers GET /health.
     svc.mount_asgi_app(Starlette(routes=[Route("/health", _health, methods=["GET"])]), path="/", name="health")
     # A misspelt field (`dimension`, Cohere's `top_n` on /rerank) must not be dropped silently: refuse
-    # unknown fields. (The image inputs parse forms themselves and name their own fields.)
+    # unknown fields. (The image inputs are FormOrJSON models, which refuse them themselves.)
     for api in svc.apis.values():
         if not issubclass(api.input_spec, FormOrJSON):
             api.input_spec.model_config["extra"] = "forbid"

@@ -163,6 +163,8 @@ BAD_REQUESTS = {
     ),
     "missing field (JSON)": ("/embed/image", {"json": {"picture": b64(FILES[0])}}, 400),
     "missing field (multipart)": ("/embed/image", as_file(FILES[0], field="picture"), 400),
+    "unknown field (JSON)": ("/embed/image", {"json": {"image": b64(FILES[0]), "dimension": 32}}, 400),
+    "unknown field (multipart)": ("/embed/image", {**as_file(FILES[0]), "data": {"normalize": "false"}}, 400),
     "wrong type": ("/embed/image", {"json": {"image": 5}}, 400),
     "wrong type in list": ("/embed/images", {"json": {"images": [b64(FILES[0]), 5]}}, 400),
     "malformed JSON": ("/embed/image", {"content": b'{"image": ', "headers": {"content-type": JSON}}, 400),
@@ -193,6 +195,15 @@ def test_bad_input_gets_a_json_4xx_and_the_service_keeps_serving(server, case):
     body = json.loads(response.text)
     assert isinstance(body, dict) and body.get("error"), body
     assert len(ok(server.post("/embed/image", json={"image": b64(FILES[0])}))["embedding"]) == 32
+
+
+def test_a_misspelt_field_is_named_in_the_error_not_dropped(server):
+    for request in (
+        {"json": {"image": b64(FILES[0]), "dimension": 32}},
+        {**as_file(FILES[0]), "data": {"dimension": "32"}},
+    ):
+        response = server.post("/embed/image", **request)
+        assert response.status_code == 400 and "dimension" in response.text, response.text[:300]
 
 
 def test_an_oversized_body_is_refused_before_it_is_parsed(server):
