@@ -220,12 +220,14 @@ class PackedBert:
         hidden = model.embeddings(
             input_ids=ids[None], position_ids=positions[None], token_type_ids=torch.zeros_like(ids)[None]
         )[0]
-        # Where each text's tokens sit in the [texts, longest] layout attention uses; padding reads row T (zeros).
+        # Where each text's tokens sit in the [texts, longest] layout attention uses. Padding positions repeat
+        # the text's first token: as keys they are masked out, as queries their outputs are dropped.
         lengths = cu_seqlens.diff().long()
         longest = int(lengths.max())
         offsets = torch.arange(longest, device=device)
         real = offsets[None, :] < lengths[:, None]  # [n, longest]
-        layout = torch.where(real, cu_seqlens[:-1, None].long() + offsets[None, :], hidden.shape[0])
+        starts = cu_seqlens[:-1, None].long()
+        layout = torch.where(real, starts + offsets[None, :], starts)
         key_mask = real[:, None, None, :]  # attend to real keys only
         final = len(model.encoder.layer) - 1
         for index, layer in enumerate(model.encoder.layer):
@@ -245,12 +247,11 @@ class PackedBert:
         texts, longest = layout.shape
 
         def heads(linear: Any) -> torch.Tensor:  # packed [T, hidden] -> [texts, heads, longest, head_dim]
-            x = F.pad(linear(hidden), (0, 0, 0, 1))[layout]
-            return x.view(texts, longest, self.heads, self.head_dim).transpose(1, 2)
+            return linear(hidden)[layout].view(texts, longest, self.heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(attention.query), heads(attention.key), heads(attention.value)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attention.scaling)
-        return out.transpose(1, 2).reshape(texts * longest, -1)[real.flatten()]
+        return out.transpose(1, 2)[real].flatten(1)  # real positions only, in packed order: [T, hidden]
 
 
 def _plain_linear(layer: Any) -> bool:
