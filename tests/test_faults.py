@@ -5,6 +5,7 @@ or broken. Out-of-memory is simulated on the CPU by a forward pass that raises t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -114,6 +115,7 @@ def test_the_service_answers_out_of_memory_alone_with_a_503(bge_dir, monkeypatch
         assert len(asyncio.run(instance.embed_text(text="一只橙色的猫")).embedding) == instance.engine.dimension
     finally:
         instance.engine.close()
+        gc.unfreeze()  # start-up froze this test process's objects (service.finish_start_up)
 
 
 # -- callers that go away ------------------------------------------------------------------------------

@@ -155,3 +155,21 @@ def test_requests_keep_fresh_trace_ids_but_record_no_spans_without_an_exporter(b
     assert len(logged) >= 3
     traces = [trace for trace, _ in logged]
     assert len(set(traces)) == len(traces) and "0" * 32 not in traces
+
+
+def test_start_up_moves_what_it_loaded_out_of_the_collectors_reach(bge_dir, monkeypatch):
+    """gc.freeze after the model is loaded: full collections then skip the model's objects (service.py)."""
+    import gc
+
+    import service
+
+    monkeypatch.setenv("BGE_EMBED_MODEL", str(bge_dir))
+    monkeypatch.setenv("EMBED_DEVICE", "cpu")
+    gc.unfreeze()
+    instance = service.BgeEmbed.inner()
+    try:
+        assert gc.get_freeze_count() > 10_000  # torch, transformers, the model's modules and tensors
+        assert instance.engine.batcher.observer is not None  # the metrics are attached too
+    finally:
+        instance.engine.close()
+        gc.unfreeze()
