@@ -251,6 +251,168 @@ def test_fuzzing_finds_no_server_error_and_no_answer_outside_the_schema(served, 
     assert served.get("/health").status_code == 200
 
 
+# The OpenAI- and Cohere-compatible routes (compat.py) are not in BentoML's document: their contract is
+# written here from the OpenAI embeddings/models and Cohere rerank API references, and fuzzed the same way.
+# Optional fields take null as "not given", as on the seed paths (clients differ in which they send).
+NON_BLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}
+OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+}
+MODEL_CARD = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"enum": ["model"]},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+}
+EMBEDDINGS_REQUEST = {
+    "type": "object",
+    "required": ["input"],
+    "properties": {
+        "input": {"oneOf": [NON_BLANK, {"type": "array", "items": NON_BLANK, "minItems": 1, "maxItems": ITEM_LIMIT}]},
+        "model": {"type": "string", "nullable": True},
+        "encoding_format": {"enum": ["float", "base64"]},
+        "dimensions": {"type": "integer", "nullable": True},
+    },
+}
+EMBEDDINGS_ANSWER = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "object": {"enum": ["list"]},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"enum": ["embedding"]},
+                    "index": {"type": "integer"},
+                    "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]},
+                },
+            },
+        },
+        "model": {"type": "string"},
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "total_tokens"],
+            "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
+        },
+    },
+}
+RERANK_REQUEST = {
+    "type": "object",
+    "required": ["query", "documents"],
+    "properties": {
+        "query": NON_BLANK,
+        "documents": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": ITEM_LIMIT,
+            "items": {
+                "oneOf": [
+                    {"type": "string"},
+                    {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+                ]
+            },
+        },
+        "top_n": {"type": "integer", "minimum": 1, "nullable": True},
+        "return_documents": {"type": "boolean", "nullable": True},
+        "model": {"type": "string", "nullable": True},
+    },
+}
+RERANK_ANSWER = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {
+        "id": {"type": "string"},
+        "model": {"type": "string"},
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "relevance_score"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "relevance_score": {"type": "number", "minimum": 0, "maximum": 1},
+                    "document": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+                },
+            },
+        },
+    },
+}
+
+
+def protocol_operation(request: dict[str, Any] | None, answer: dict[str, Any], errors: list[int]) -> dict[str, Any]:
+    def json_content(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"content": {"application/json": {"schema": schema}}}
+
+    operation: dict[str, Any] = {
+        "responses": {
+            "200": {"description": "ok", **json_content(answer)},
+            **{str(status): {"description": "error", **json_content(OPENAI_ERROR)} for status in errors},
+        }
+    }
+    if request is not None:
+        operation["requestBody"] = {"required": True, **json_content(request)}
+    return operation
+
+
+def protocol_document(kind: str) -> dict[str, Any]:
+    models = {"type": "object", "required": ["object", "data"], "properties": {"object": {"enum": ["list"]},
+              "data": {"type": "array", "items": MODEL_CARD}}}  # fmt: skip
+    paths: dict[str, Any] = {
+        "/v1/models": {"get": protocol_operation(None, models, [])},
+        "/v1/models/{model}": {
+            "get": {
+                **protocol_operation(None, MODEL_CARD, [404]),
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            }
+        },
+    }
+    if kind == "rerank":
+        for route in ("/v1/rerank", "/v2/rerank"):
+            paths[route] = {"post": protocol_operation(RERANK_REQUEST, RERANK_ANSWER, [400, 413, 503])}
+    else:
+        paths["/v1/embeddings"] = {"post": protocol_operation(EMBEDDINGS_REQUEST, EMBEDDINGS_ANSWER, [400, 413, 503])}
+    return {"openapi": "3.0.3", "info": {"title": f"{kind} protocol routes", "version": "1"}, "paths": paths}
+
+
+def test_fuzzing_the_openai_and_cohere_routes_finds_no_server_error(served, tmp_path):
+    schema = tmp_path / "protocols.json"
+    schema.write_text(json.dumps(protocol_document(SERVICES[served.seed_name].kind)))
+    command = [
+        *(sys.executable, "-m", "schemathesis.cli", "run", str(schema), "--url", served.url),
+        *("--checks", ",".join(FUZZ_CHECKS)),
+        *("--phases", "examples,coverage,fuzzing"),
+        *("--max-examples", "30", "--seed", "1", "--request-timeout", "30"),
+        *("--no-color", "--continue-on-failure", "--workers", "2"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-8000:]
+    operations = len(protocol_document(SERVICES[served.seed_name].kind)["paths"])
+    tested = re.search(r"Tested:\s+(\d+)", report)
+    assert tested and int(tested.group(1)) >= operations, report[-3000:]
+    assert served.get("/health").status_code == 200
+
+
 # -- the table of bad requests -----------------------------------------------------------------------
 
 
