@@ -115,12 +115,17 @@ def require_text(value: str, name: str) -> str:
     return value
 
 
-def require_texts(values: list[str], name: str, limit: int) -> list[str]:
+def require_items(values: list[str], name: str, limit: int) -> list[str]:
+    """A non-empty list of at most `limit` strings (which may be blank: rerank documents)."""
     if not values:
         raise InputError(f"`{name}` must be a non-empty list of strings", param=name)
     if len(values) > limit:
         raise InputError(f"`{name}` holds {len(values)} items; at most {limit} per request", status=413, param=name)
-    for index, value in enumerate(values):
+    return values
+
+
+def require_texts(values: list[str], name: str, limit: int) -> list[str]:
+    for index, value in enumerate(require_items(values, name, limit)):
         require_text(value, f"{name}[{index}]")
     return values
 

@@ -60,6 +60,7 @@ from http_io import (
     json_errors,
     read_image_field,
     record_spans_only_when_exported,
+    require_items,
     require_text,
     require_texts,
 )
@@ -123,13 +124,7 @@ class Reranking(ServiceBase):
     ) -> RerankResponse:
         """Score every document against the query; the best first, at most top_k. Scores are P(relevant) in [0, 1]."""
         require_text(query, "query")
-        if not documents:
-            raise InputError("`documents` must be a non-empty list of strings", param="documents")
-        limit = self.engine.config.max_items_per_request
-        if len(documents) > limit:
-            raise InputError(
-                f"`documents` holds {len(documents)} items; at most {limit} per request", status=413, param="documents"
-            )
+        require_items(documents, "documents", self.engine.config.max_items_per_request)
         if top_k is not None and top_k < 1:
             raise InputError(f"`top_k` must be at least 1, got {top_k}", param="top_k")
         ranked = await self.engine.rank(query, documents, instruction, top_k)

@@ -63,13 +63,16 @@ def packed_forward_for(model: Any, config: Any, device: torch.device) -> PackedQ
     return None
 
 
-def kept_rows(cu_seqlens: torch.Tensor, rows: str) -> torch.Tensor | None:
-    """The one row per text that a pooling reads ("first" or "last"), or None when it reads them all."""
-    if rows == "first":
-        return cu_seqlens[:-1].long()
-    if rows == "last":
-        return cu_seqlens[1:].long() - 1
-    return None
+def keep_rows(
+    rows: str, cu_seqlens: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Before the final layer's MLP: keep the one row per text that a pooling reads ("first" or "last") of
+    the attention output and the residual, and cu_seqlens that says so (0, 1, ..., n); "all" keeps all."""
+    if rows == "all":
+        return cu_seqlens, out, hidden
+    kept = cu_seqlens[:-1].long() if rows == "first" else cu_seqlens[1:].long() - 1
+    one_each = torch.arange(len(kept) + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    return one_each, out[kept], hidden[kept]
 
 
 def right_padded(
@@ -171,10 +174,8 @@ class PackedQwen3:
                 v = attn.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
                 q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             out = self._attend(q, k, v, cu_seqlens, longest).reshape(tokens, -1)
-            kept = kept_rows(cu_seqlens, rows) if index == final else None
-            if kept is not None:
-                out, hidden = out[kept], hidden[kept]
-                cu_seqlens = torch.arange(len(kept) + 1, dtype=cu_seqlens.dtype, device=device)  # a row per text
+            if index == final:
+                cu_seqlens, out, hidden = keep_rows(rows, cu_seqlens, out, hidden)
             if self.functional:
                 hidden = self._outputs(
                     out, hidden, _weight(attn.o_proj), layer.post_attention_layernorm.weight, _weight(mlp.gate_proj),
@@ -233,10 +234,8 @@ class PackedBert:
         for index, layer in enumerate(model.encoder.layer):
             attention = layer.attention
             out = self._attend(attention.self, hidden, layout, key_mask, real)
-            kept = kept_rows(cu_seqlens, rows) if index == final else None
-            if kept is not None:
-                out, hidden = out[kept], hidden[kept]
-                cu_seqlens = torch.arange(len(kept) + 1, dtype=cu_seqlens.dtype, device=device)  # a row per text
+            if index == final:
+                cu_seqlens, out, hidden = keep_rows(rows, cu_seqlens, out, hidden)
             hidden = attention.output(out, hidden)  # dense, residual, LayerNorm
             hidden = layer.output(layer.intermediate(hidden), hidden)  # dense + GELU, dense, residual, LayerNorm
         return hidden, cu_seqlens
