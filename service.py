@@ -6,7 +6,7 @@ for its kind, so six services share one pattern:
     bentoml serve service:BgeEmbed --port 6012
 
 Heavy imports (torch, transformers) happen inside each service's __init__. The request and answer
-models, error answers and middleware they share are in http_io.py; the runners (model loading,
+models, error answers and middleware they share are in embed_http/; the runners (model loading,
 batching, pooling) in runners/.
 """
 
@@ -32,8 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-import compat
-from http_io import (
+from embed_http import protocols
+from embed_http.io import (
     FORM_TYPES,
     JSON_MEDIA_TYPES,
     Dimensions,
@@ -290,11 +290,11 @@ def build_service(spec: ServiceSpec) -> t.Any:
         image_body = image_request_limits(ImageSettings.from_env(spec))["body"]
         media_types = (*JSON_MEDIA_TYPES, *FORM_TYPES)
         svc.add_asgi_middleware(RequestBodies, routes=form_routes, max_bytes=image_body, media_types=media_types)
-    # The OpenAI / Cohere-compatible routes (compat.py), their error shape, and the optional API key
+    # The OpenAI / Cohere-compatible routes (embed_http/protocols.py), their error shape, and the optional API key
     # (middleware added first wraps the later ones: the key check's 401 is reshaped on /v1 too).
-    svc.mount_asgi_app(compat.protocol_app(spec), path="/", name="protocols")
-    svc.add_asgi_middleware(compat.ProtocolErrors)
-    svc.add_asgi_middleware(compat.ApiKeyAuth, spec=spec)
+    svc.mount_asgi_app(protocols.protocol_app(spec), path="/", name="protocols")
+    svc.add_asgi_middleware(protocols.ProtocolErrors)
+    svc.add_asgi_middleware(protocols.ApiKeyAuth, spec=spec)
     return svc
 
 

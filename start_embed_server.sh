@@ -8,7 +8,7 @@
 #   ./start_embed_server.sh status | stop [NAME...]
 #
 # Services, ports, classes, profiles and the memory estimate come from runners/ through
-# `python -m runners.launcher`; this script only starts `bentoml serve` processes. Ctrl-C stops
+# `python -m embed_ops.launcher`; this script only starts `bentoml serve` processes. Ctrl-C stops
 # the services this run started, and nothing else.
 set -uo pipefail
 
@@ -19,7 +19,7 @@ LOG_DIR="${EMBED_LOG_DIR:-$REPO/logs}"
 RUN_DIR="${EMBED_RUN_DIR:-$REPO/.run}"
 START_TIMEOUT="${EMBED_START_TIMEOUT:-1800}"
 
-launcher() { "$PYTHON" -m runners.launcher "$@"; }
+launcher() { "$PYTHON" -m embed_ops.launcher "$@"; }
 
 usage() {
     sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'

@@ -25,8 +25,8 @@ except ImportError:  # Python 3.10
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runners.download import model_dir_name  # noqa: E402
-from runners.profiles import BYTES_PER_PARAM  # noqa: E402
+from embed_ops.download import model_dir_name  # noqa: E402
+from embed_ops.profiles import BYTES_PER_PARAM  # noqa: E402
 from runners.table import SERVICES, ServiceSpec  # noqa: E402
 
 DEFAULT_BENTO = "qwen3_8b_embed"  # what `bentoml build` with no -f builds (root bentofile.yaml)
@@ -56,11 +56,17 @@ def runtime_dependencies() -> list[str]:
     return pyproject()["project"]["dependencies"]
 
 
+# What a served process imports; the operator tools (embed_ops) and the client (embed_client) stay out of the Bentos.
+SERVER_PACKAGES = ("runners", "embed_http")
+
+
 def source_files() -> list[str]:
-    """What a Bento carries: the project's own modules and packages, as pyproject.toml lists them."""
+    """What a Bento carries: the project's top-level modules and the packages the server imports."""
     setuptools = pyproject()["tool"]["setuptools"]
+    missing = [package for package in SERVER_PACKAGES if package not in setuptools["packages"]]
+    assert not missing, f"pyproject.toml does not list {missing}"
     return [f"{module}.py" for module in setuptools["py-modules"]] + [
-        f"{package}/**/*.py" for package in setuptools["packages"]
+        f"{package}/**/*.py" for package in SERVER_PACKAGES
     ]
 
 
@@ -222,7 +228,7 @@ def models_claim() -> dict[str, Any]:
         "kind": "PersistentVolumeClaim",
         "metadata": {"name": MODELS_CLAIM, "labels": {"app.kubernetes.io/part-of": "embed-services"}},
         "spec": {
-            # Read by every replica on every node; filled once with `python -m runners.download --to`.
+            # Read by every replica on every node; filled once with `python -m embed_ops.download --to`.
             "accessModes": ["ReadOnlyMany"],
             "resources": {"requests": {"storage": "200Gi"}},
         },

@@ -66,7 +66,7 @@ def _download(repo_id: str, config: RunnerConfig) -> Path:
     except Exception as exc:  # network errors, gated repos, offline mode: all the same to the user
         raise ModelLoadError(
             f"{config.model_env}={repo_id!r}: not a local directory, and downloading it from the hub failed "
-            f"({type(exc).__name__}: {exc}). Download the weights (python -m runners.download) and set "
+            f"({type(exc).__name__}: {exc}). Download the weights (python -m embed_ops.download) and set "
             f"{config.model_env} to their directory."
         ) from None
 

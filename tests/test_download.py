@@ -1,4 +1,4 @@
-"""`python -m runners.download`: argument handling and the export lines, with the hub call replaced."""
+"""`python -m embed_ops.download`: argument handling and the export lines, with the hub call replaced."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runners import download
+from embed_ops import download
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_huggingface_fetch_asks_for_the_directory_and_skips_the_ignored_parts(mo
 
 def test_the_command_line_entry_point_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "runners.download", "--help"],
+        [sys.executable, "-m", "embed_ops.download", "--help"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parent.parent,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runners import launcher
-from runners.profiles import PROFILES, estimate_weights, memory_warnings, per_gpu, profile_env
+from embed_ops import launcher
+from embed_ops.profiles import PROFILES, estimate_weights, memory_warnings, per_gpu, profile_env
 from runners.table import SERVICES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def fake_nvidia_smi(tmp_path: Path, free_mib: list[int]) -> str:
 
 
 def test_free_memory_follows_cuda_visible_devices(tmp_path, monkeypatch):
-    from runners.profiles import free_gpu_memory
+    from embed_ops.profiles import free_gpu_memory
 
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, [20000, 5000]))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -130,7 +130,7 @@ def test_free_memory_follows_cuda_visible_devices(tmp_path, monkeypatch):
 def run_launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "runners.launcher", *args], cwd=REPO, env=full_env, capture_output=True, text=True
+        [sys.executable, "-m", "embed_ops.launcher", *args], cwd=REPO, env=full_env, capture_output=True, text=True
     )
 
 

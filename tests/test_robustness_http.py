@@ -251,7 +251,7 @@ def test_fuzzing_finds_no_server_error_and_no_answer_outside_the_schema(served, 
     assert served.get("/health").status_code == 200
 
 
-# The OpenAI- and Cohere-compatible routes (compat.py) are not in BentoML's document: their contract is
+# The OpenAI- and Cohere-compatible routes (embed_http/protocols.py) are not in BentoML's document: their contract is
 # written here from the OpenAI embeddings/models and Cohere rerank API references, and fuzzed the same way.
 # Optional fields take null as "not given", as on the seed paths (clients differ in which they send).
 NON_BLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}

@@ -1,8 +1,8 @@
 """Download the services' weights once, into directories the services are then pointed at.
 
-    python -m runners.download qwen3_8b_embed qwen3_8b_rerank --to /models [--source huggingface|modelscope]
-    python -m runners.download --profile high --to /models
-    eval "$(python -m runners.download bge_embed --to /models)"   # sets BGE_EMBED_MODEL
+    python -m embed_ops.download qwen3_8b_embed qwen3_8b_rerank --to /models [--source huggingface|modelscope]
+    python -m embed_ops.download --profile high --to /models
+    eval "$(python -m embed_ops.download bge_embed --to /models)"   # sets BGE_EMBED_MODEL
 
 Each model goes to `<DIR>/<repository name>` (e.g. /models/Qwen3-Embedding-8B, the path the
 containers and deploy/ files expect). The hub's own progress bars go to stderr; stdout carries only
@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runners.table import SERVICES, ServiceSpec
+
 from .profiles import PROFILES
-from .table import SERVICES, ServiceSpec
 
 SOURCES = ("huggingface", "modelscope")
 DEFAULT_SOURCE = "huggingface"
@@ -72,7 +73,7 @@ def export_lines(downloads: list[Download], paths: list[Path]) -> list[str]:
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m runners.download",
+        prog="python -m embed_ops.download",
         description="Download the weights of the named services (or of a profile) and print the "
         "`export <NAME>_MODEL=...` lines that point the services at them.",
     )
@@ -89,7 +90,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     if not names:
         parser.error("name at least one service, or a --profile")
 
-    from .loading import _HUB_IGNORE  # (imports torch: only once there is something to download)
+    from runners.loading import _HUB_IGNORE  # (imports torch: only once there is something to download)
 
     to = args.to.expanduser().resolve()
     to.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 The profiles follow the seed's "24GB 显存推荐配置" table. SigLIP2 is in every GPU profile: an
 image-management system always needs its image embeddings, and it costs ~2.3 GB.
-`start_embed_server.sh` reads everything from here through `python -m runners.launcher`.
+`start_embed_server.sh` reads everything from here through `python -m embed_ops.launcher`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .config import QUANTIZATIONS, setting
-from .table import SERVICES, ServiceSpec, spec_for
+from runners.config import QUANTIZATIONS, setting
+from runners.table import SERVICES, ServiceSpec, spec_for
 
 # Bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1 byte per parameter).
 BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "int8": 1.0, "fp8": 1.0, "nf4": 0.5}

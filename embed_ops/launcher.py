@@ -4,10 +4,10 @@ The shell script only starts `bentoml serve` processes; everything it needs to k
 ports, profiles, the memory estimate) and everything that decides whether a process is one it
 started comes from here, so nothing is written down twice.
 
-    python -m runners.launcher plan   --run-dir D [--profile NAME | SERVICE...]
-    python -m runners.launcher wait   --run-dir D --log-dir L --timeout S SERVICE...
-    python -m runners.launcher status --run-dir D --log-dir L
-    python -m runners.launcher stop   --run-dir D [SERVICE...]
+    python -m embed_ops.launcher plan   --run-dir D [--profile NAME | SERVICE...]
+    python -m embed_ops.launcher wait   --run-dir D --log-dir L --timeout S SERVICE...
+    python -m embed_ops.launcher status --run-dir D --log-dir L
+    python -m embed_ops.launcher stop   --run-dir D [SERVICE...]
 
 A service the script started has a PID file `<run dir>/<seed name>.pid` holding "pid class port";
 it is ours only while that pid still runs `bentoml serve service:<class> --port <port>`, so a pid
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runners.table import SERVICES, spec_for
+
 from .profiles import (
     DEFAULT_PROFILE,
     PROFILES,
@@ -45,7 +47,6 @@ from .profiles import (
     profile_for,
     service_port,
 )
-from .table import SERVICES, spec_for
 
 LOG_TAIL_LINES = 25
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b[^:]*: ")
@@ -362,7 +363,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runners.launcher", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m embed_ops.launcher", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="what to start (for start_embed_server.sh)")
