@@ -188,7 +188,9 @@ class Served:
         self.process = process
         self.log_path = log_path
         self.seed_name = ""  # the table row, when known
-        self.client = httpx.Client(base_url=url, timeout=60)
+        # Idle connections are dropped before uvicorn's 5 s keep-alive closes them, so a request is never
+        # sent on a connection the server is closing at that moment (a ReadError on a loaded machine).
+        self.client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(keepalive_expiry=2))
 
     def post(self, path: str, **kwargs) -> httpx.Response:
         return self.client.post(path, **kwargs)
