@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=CAPTION_QUERY_INSTRUCTION,
         help="the caption embedder's query instruction ('' for none)",
     )
+    find.add_argument(
+        "--using",
+        choices=["image", "caption"],
+        action="append",
+        help="search only the pictures or only the captions (default: both, fused)",
+    )
     find.add_argument("--html", metavar="FILE", help="also write a results page with thumbnails")
     find.add_argument("--json", action="store_true", help="one JSON object per result instead of a table")
 
@@ -120,6 +126,7 @@ def _search(args: argparse.Namespace) -> int:
         top=args.top,
         rerank=args.rerank,
         candidates=args.candidates,
+        using=args.using or ("image", "caption"),
     )
     if args.json:
         for hit in hits:

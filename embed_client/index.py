@@ -56,6 +56,8 @@ FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
 # service then refuses is reported with its message, like any other refused file.
 FALLBACK_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
 
+ALL_EXTENSIONS = frozenset(extension for extensions in FORMAT_EXTENSIONS.values() for extension in extensions)
+
 _EXIF_IFD, _DATE_TIME_ORIGINAL, _DATE_TIME, _IMAGE_DESCRIPTION = 0x8769, 0x9003, 0x0132, 0x010E
 _XMP_DESCRIPTION = re.compile(rb"<dc:description>.*?<rdf:li[^>]*>(.*?)</rdf:li>", re.DOTALL)
 _IMAGES_PARAM = re.compile(r"images\[(\d+)\]")
@@ -402,12 +404,14 @@ def index_folder(
     progress: bool | None = None,
     collection: str = "photos",
     timeout: float = 300.0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> IndexReport:
     """Index the photos under `folder` into `store` (a folder, ":memory:", or a Qdrant server's URL).
 
     `text_service` embeds captions (from the `captions` sidecar, or each photo's EXIF/XMP description)
     into each point's `caption` vector; None, or a service that does not answer, leaves captions as text
-    only. `progress`: a progress bar on stderr (default: when stderr is a terminal).
+    only. `progress`: a progress bar on stderr (default: when stderr is a terminal). `on_batch` is called
+    with the number of files settled each time a batch has been written to the store.
     """
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
@@ -433,15 +437,19 @@ def index_folder(
         prefix = str(root) + os.sep
         known = {r.path: r for r in photo_store.records() if r.path.startswith(prefix)}
         files: list[_File] = []
-        for path in walk(root, extensions_for(health)):
+        accepted = extensions_for(health)
+        for path in walk(root, ALL_EXTENSIONS):
             stat = path.stat()
             item = _File(str(path), stat.st_size, stat.st_mtime_ns, sidecar.get(str(path)))
-            if max_bytes and item.size > max_bytes:
+            if path.suffix.lower() not in accepted:
+                taken = ", ".join(health.get("formats") or health.get("image_formats") or ())
+                report.errors.append(FileError(item.path, f"not sent: the service does not take this format ({taken})"))
+            elif max_bytes and item.size > max_bytes:
                 report.errors.append(
                     FileError(item.path, f"too large: {item.size} bytes; the service takes at most {max_bytes}")
                 )
-                continue
-            files.append(item)
+            else:
+                files.append(item)
         report.found = len(files) + len(report.errors)
         present = {item.path for item in files} | {error.path for error in report.errors}
         gone = [path for path in known if path not in present]
@@ -465,7 +473,8 @@ def index_folder(
             concurrency=concurrency,
             max_wait=max_wait,
         )
-        _run(batches, worker, known, concurrency, _progress_bar(len(pending), progress, report))
+        bar = _progress_bar(len(pending), progress, report)
+        _run(batches, worker, known, concurrency, bar, on_batch)
     finally:
         images.close()
         if texts is not None:
@@ -542,6 +551,7 @@ def _run(
     known: Mapping[str, PhotoRecord],
     concurrency: int,
     progress: _Progress,
+    on_batch: Callable[[int], None] | None,
 ) -> None:
     """Batches through `concurrency` threads, at most one waiting batch per thread (bounded memory)."""
     queue = iter(batches)
@@ -558,7 +568,10 @@ def _run(
                     break
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    progress.advance(future.result())
+                    settled = future.result()
+                    progress.advance(settled)
+                    if on_batch is not None:
+                        on_batch(settled)
         except BaseException:
             for future in running:
                 future.cancel()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,15 +68,19 @@ def search(
     top: int = 20,
     rerank: str | None = None,
     candidates: int | None = None,
+    using: Sequence[str] = (IMAGE_VECTOR, CAPTION_VECTOR),
     api_key: str | None = None,
     collection: str = "photos",
     timeout: float = 60.0,
 ) -> list[SearchHit]:
     """The `top` photos for a text `query`, or the photos most like the photo `like` (by its stored vector,
     or embedded now if it is not in the store). `candidates` (default 3 x top) is how many each list
-    contributes to the fusion and the reranker."""
+    contributes to the fusion and the reranker. `using` limits the search to the photos' pictures ("image")
+    or to their captions ("caption")."""
     if (query is None or not query.strip()) == (like is None):
         raise ValueError("give a non-empty query or a photo to search like, not both")
+    if not set(using) <= {IMAGE_VECTOR, CAPTION_VECTOR} or not using:
+        raise ValueError(f"using must name {IMAGE_VECTOR!r} and/or {CAPTION_VECTOR!r}, got {list(using)}")
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     api_key = api_key if api_key is not None else (os.environ.get("EMBED_API_KEY") or None)
@@ -83,16 +88,20 @@ def search(
     owned = not isinstance(store, PhotoStore)
     photo_store = PhotoStore(store, collection) if owned else store  # type: ignore[arg-type]
     try:
-        with EmbedClient(service, api_key=api_key, timeout=timeout) as images:
-            by_photo = like is not None
-            image_vector = _photo_vector(photo_store, images, like) if by_photo else images.get_embedding(query)  # type: ignore[arg-type]
-        lists = [photo_store.search(image_vector, IMAGE_VECTOR, pool)]
+        lists = []
+        if IMAGE_VECTOR in using or like is not None:
+            with EmbedClient(service, api_key=api_key, timeout=timeout) as images:
+                by_photo = like is not None
+                vector = _photo_vector(photo_store, images, like) if by_photo else images.get_embedding(query)  # type: ignore[arg-type]
+            lists.append(photo_store.search(vector, IMAGE_VECTOR, pool))
         captioned = CAPTION_VECTOR in photo_store.vector_sizes() and photo_store.count(with_caption=True) > 0
-        if query is not None and text_service and captioned:
+        if query is not None and text_service and captioned and CAPTION_VECTOR in using:
             caption_hits = _caption_hits(photo_store, text_service, query, caption_instruction, api_key, pool)
             if caption_hits is not None:
                 lists.append(caption_hits)
-        hits = _merge(lists)[:pool]
+        if not lists:
+            raise ValueError("nothing to search: the store holds no caption vectors (or no text service was given)")
+        hits = _merge(lists, using_image=IMAGE_VECTOR in using or like is not None)[:pool]
     finally:
         if owned:
             photo_store.close()
@@ -121,13 +130,15 @@ def _caption_hits(
     return store.search(vector, CAPTION_VECTOR, pool)
 
 
-def _merge(lists: list[list[StoreHit]]) -> list[SearchHit]:
+def _merge(lists: list[list[StoreHit]], using_image: bool) -> list[SearchHit]:
     by_path = {}
     cosines: list[dict[str, float]] = [{hit.record.path: hit.score for hit in hits} for hits in lists]
     for hits in lists:
         for hit in hits:
             by_path.setdefault(hit.record.path, hit.record)
     ranked = fuse(lists) if len(lists) > 1 else [(hit.record.path, hit.score) for hit in lists[0]]
+    image_cosines = cosines[0] if using_image else {}
+    caption_cosines = cosines[-1] if len(lists) > 1 or not using_image else {}
     merged = []
     for path, score in ranked:
         record = by_path[path]
@@ -138,8 +149,8 @@ def _merge(lists: list[list[StoreHit]]) -> list[SearchHit]:
                 path=path,
                 caption=record.caption,
                 taken_at=record.taken_at,
-                image_score=cosines[0].get(path),
-                caption_score=cosines[1].get(path) if len(cosines) > 1 else None,
+                image_score=image_cosines.get(path),
+                caption_score=caption_cosines.get(path),
             )
         )
     return merged

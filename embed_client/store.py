@@ -137,7 +137,8 @@ class PhotoStore:
             if size is not None
         }
         self._client.create_collection(self.collection, vectors_config=config)
-        self._client.create_payload_index(self.collection, "sha256", models.PayloadSchemaType.KEYWORD)
+        if self.location.startswith(("http://", "https://")):  # (local mode has no payload indexes)
+            self._client.create_payload_index(self.collection, "sha256", models.PayloadSchemaType.KEYWORD)
         self._exists = True
 
     # -- reading -----------------------------------------------------------------------------------
