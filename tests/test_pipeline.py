@@ -29,7 +29,7 @@ from bench.index_corpus import camera_exif, heic, jpeg, photo
 from embed_client import EmbedClient, PhotoStore, index_folder, search
 from embed_client.search import RRF_K
 from embed_client.store import CAPTION_VECTOR, IMAGE_VECTOR, StoreError
-from tests.conftest import REPO, serve, serve_tiny
+from tests.conftest import REPO, serve
 from tests.pictures import png_claiming
 
 pytestmark = pytest.mark.serve
@@ -40,21 +40,24 @@ MAX_PIXELS = 30_000_000
 
 
 class Server:
-    """The SigLIP2 server, restartable on the same port (the indexer must find it again there)."""
+    """A server started in the background (the photo folder is made meanwhile), restartable on the same port
+    (the indexer must find it again there)."""
 
-    def __init__(self, siglip_dir: Path, log_dir: Path) -> None:
-        self.env = {
-            "SIGLIP2_EMBED_MODEL": str(siglip_dir),
-            "EMBED_QUANTIZATION": "none",
-            "SIGLIP2_EMBED_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-        }
-        self.log_dir, self.starts = log_dir, 0
-        self.port = 0
-        self.start()
+    def __init__(self, class_name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.class_name, self.env, self.log_dir = class_name, env, log_dir
+        self.starts, self.port, self.url = 0, 0, ""
+        self._thread = threading.Thread(target=self.start, daemon=True)
+        self._thread.start()
+
+    def ready(self) -> Server:
+        self._thread.join()
+        assert self.url, f"{self.class_name} did not start: see {self.log_dir}"
+        return self
 
     def start(self) -> None:
         self.starts += 1
-        self._serving = serve("Siglip2Embed", self.env, self.log_dir / f"siglip-{self.starts}.log", port=self.port)
+        log = self.log_dir / f"{self.class_name}-{self.starts}.log"
+        self._serving = serve(self.class_name, self.env, log, port=self.port)
         served = next(self._serving)
         self.url, self.process = served.url, served.process
         self.port = int(self.url.rsplit(":", 1)[1])
@@ -71,14 +74,34 @@ class Server:
         self._serving.close()
 
     def close(self) -> None:
-        self._serving.close()
+        self._thread.join()
+        if self.url:
+            self._serving.close()
 
 
 @pytest.fixture(scope="module")
-def server(siglip_dir, tmp_path_factory):
-    running = Server(siglip_dir, tmp_path_factory.mktemp("pipeline-logs"))
-    yield running
-    running.close()
+def servers(siglip_dir, qwen3_reranker_dir, tmp_path_factory):
+    """The SigLIP2 service and a reranker, both starting while the photos are made."""
+    logs = tmp_path_factory.mktemp("pipeline-logs")
+    siglip_env = {"SIGLIP2_EMBED_MODEL": str(siglip_dir), "SIGLIP2_EMBED_MAX_IMAGE_PIXELS": str(MAX_PIXELS)}
+    reranker_env = {"QWEN3_8B_RERANK_MODEL": str(qwen3_reranker_dir)}
+    started = {
+        "siglip": Server("Siglip2Embed", {**siglip_env, "EMBED_QUANTIZATION": "none"}, logs),
+        "reranker": Server("Qwen3Rerank8B", {**reranker_env, "EMBED_QUANTIZATION": "none"}, logs),
+    }
+    yield started
+    for running in started.values():
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def server(servers, library):
+    return servers["siglip"].ready()
+
+
+@pytest.fixture(scope="module")
+def reranker(servers):
+    return servers["reranker"].ready()
 
 
 def make_folder(folder: Path) -> dict[str, Path]:
@@ -115,11 +138,12 @@ def make_folder(folder: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def library(server, tmp_path_factory):
+def library(servers, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     folder = root / "Pictures"
     files = make_folder(folder)
     store = root / "store"
+    server = servers["siglip"].ready()
     report = index_folder(
         folder,
         store=store,
@@ -200,11 +224,6 @@ def test_caption_query_finds_the_captioned_photo_and_fuses_by_reciprocal_rank(li
         assert hit.score == pytest.approx(expected)
     assert [hit.score for hit in fused] == sorted((hit.score for hit in fused), reverse=True)
     assert {hit.path for hit in fused} == {hit.path for hit in by_picture}
-
-
-@pytest.fixture(scope="module")
-def reranker(request, tmp_path_factory):
-    yield from serve_tiny(request, "qwen3_8b_rerank", tmp_path_factory)
 
 
 def test_rerank_reorders_the_captioned_candidates_in_their_places(library, server, reranker):
