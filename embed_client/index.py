@@ -540,7 +540,10 @@ def _progress_bar(total: int, wanted: bool | None, report: IndexReport) -> _Prog
         wanted = sys.stderr.isatty()
     if not wanted or total == 0:
         return _Progress(None, report)
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the photos extra not installed: the summary line alone
+        return _Progress(None, report)
 
     return _Progress(tqdm(total=total, unit="photo", desc="indexing", dynamic_ncols=True), report)
 

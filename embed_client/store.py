@@ -79,7 +79,10 @@ class PhotoStore:
     """One collection in a Qdrant store: a local folder, ":memory:", or a server's http(s) URL."""
 
     def __init__(self, location: str | os.PathLike = DEFAULT_STORE, collection: str = DEFAULT_COLLECTION) -> None:
-        from qdrant_client import QdrantClient
+        try:
+            from qdrant_client import QdrantClient
+        except ImportError:
+            raise StoreError("the photo index needs qdrant-client: pip install 'embed-services[photos]'") from None
 
         self.location, self.collection = str(location), collection
         if self.location.startswith(("http://", "https://")):
