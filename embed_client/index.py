@@ -61,6 +61,7 @@ ALL_EXTENSIONS = frozenset(extension for extensions in FORMAT_EXTENSIONS.values(
 _EXIF_IFD, _DATE_TIME_ORIGINAL, _DATE_TIME, _IMAGE_DESCRIPTION = 0x8769, 0x9003, 0x0132, 0x010E
 _XMP_DESCRIPTION = re.compile(rb"<dc:description>.*?<rdf:li[^>]*>(.*?)</rdf:li>", re.DOTALL)
 _IMAGES_PARAM = re.compile(r"images\[(\d+)\]")
+_FIELD = re.compile(r"`images?(\[\d+\])?`")
 
 
 @dataclass(frozen=True)
@@ -344,10 +345,10 @@ class _Indexer:
                     raise
                 match = _IMAGES_PARAM.search(exc.param or "") or _IMAGES_PARAM.search(exc.message)
                 if len(pending) == 1:
-                    errors[pending.pop().path] = _reason(exc, "image")
+                    errors[pending.pop().path] = _reason(exc)
                 elif match and int(match.group(1)) < len(pending):
                     culprit = pending.pop(int(match.group(1)))
-                    errors[culprit.path] = _reason(exc, f"images[{match.group(1)}]")
+                    errors[culprit.path] = _reason(exc)
                 else:  # the request as a whole was refused: find out file by file
                     for item in pending:
                         single, refused = self.embed_images([item])
@@ -384,10 +385,9 @@ class _Indexer:
             self.report.captions += len(needed)
 
 
-def _reason(exc: ServiceError, param: str) -> str:
-    # The service names the request's field (`images[3]`); the file is named in the report instead.
-    message = exc.message.replace(f"`{param}` ", "").replace(f"`{param}`", "the file")
-    return f"HTTP {exc.status}: {message}"
+def _reason(exc: ServiceError) -> str:
+    # The service names the request's field (`images[3]`); the report names the file instead.
+    return f"HTTP {exc.status}: {_FIELD.sub('the file', exc.message)}"
 
 
 def index_folder(
