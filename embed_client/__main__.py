@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import EmbedClientError
 from .index import DEFAULT_SERVICE, DEFAULT_TEXT_SERVICE, index_folder
@@ -91,19 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+COMMON = ("store", "collection", "service", "text_service")  # the options _common adds
+
+
+def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
+
+
 def _index(args: argparse.Namespace) -> int:
-    report = index_folder(
-        args.folder,
-        store=args.store,
-        collection=args.collection,
-        service=args.service,
-        text_service=args.text_service,
-        captions=args.captions,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        max_wait=args.max_wait,
-        progress=args.progress,
-    )
+    options = ("captions", "batch_size", "concurrency", "max_wait", "progress")
+    report = index_folder(args.folder, **_options(args, *COMMON, *options))
     print(report.summary())
     for note in report.notes:
         print(f"note: {note}")
@@ -115,19 +113,8 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    hits = search(
-        args.query,
-        like=args.like,
-        store=args.store,
-        collection=args.collection,
-        service=args.service,
-        text_service=args.text_service,
-        caption_instruction=args.caption_instruction,
-        top=args.top,
-        rerank=args.rerank,
-        candidates=args.candidates,
-        using=args.using or ("image", "caption"),
-    )
+    options = ("like", "caption_instruction", "top", "rerank", "candidates")
+    hits = search(args.query, using=args.using or ("image", "caption"), **_options(args, *COMMON, *options))
     if args.json:
         for hit in hits:
             print(json.dumps(hit.as_json(), ensure_ascii=False))
