@@ -428,8 +428,12 @@ def index_folder(
         health = _patiently(images.health, _Limiter(1), max_wait, f"the image service at {service}")
         sidecar = load_captions(captions, root) if captions is not None else {}
         texts, caption_size = _text_service(text_service, api_key, timeout, sidecar, report)
-        photo_store.ensure(int(health["dimension"]), caption_size)
-        if caption_size is None:
+        if not photo_store.ensure(int(health["dimension"]), caption_size) and texts is not None:
+            report.notes.append(
+                f"the collection {collection!r} was created without caption vectors: captions are stored as text "
+                "only (index into a new --store or --collection to embed them)"
+            )
+            texts.close()
             texts = None
         max_bytes = int(health.get("max_image_bytes") or 0)
         batch_size = max(1, min(batch_size, int(health.get("max_images_per_request") or batch_size)))

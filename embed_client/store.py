@@ -115,8 +115,9 @@ class PhotoStore:
         vectors = self._client.get_collection(self.collection).config.params.vectors
         return {name: params.size for name, params in (vectors or {}).items()}  # type: ignore[union-attr]
 
-    def ensure(self, image_size: int, caption_size: int | None) -> None:
-        """Create the collection for these vector sizes, or check that the existing one has them."""
+    def ensure(self, image_size: int, caption_size: int | None) -> bool:
+        """Create the collection for these vector sizes, or check that the existing one has them; True when
+        it takes caption vectors (False: one created without them, which Qdrant cannot add later)."""
         from qdrant_client import models
 
         wanted = {IMAGE_VECTOR: image_size, CAPTION_VECTOR: caption_size}
@@ -128,12 +129,7 @@ class PhotoStore:
                         f"the collection {self.collection!r} in {self.location} holds {name} vectors of size "
                         f"{have[name]}, but the service gives {size}: index into another --store or --collection"
                     )
-            if caption_size is not None and CAPTION_VECTOR not in have:
-                raise StoreError(
-                    f"the collection {self.collection!r} in {self.location} was created without caption vectors; "
-                    "index the captions into a new --store or --collection"
-                )
-            return
+            return caption_size is not None and CAPTION_VECTOR in have
         config = {
             name: models.VectorParams(size=size, distance=models.Distance.COSINE)
             for name, size in wanted.items()
@@ -143,6 +139,7 @@ class PhotoStore:
         if self.location.startswith(("http://", "https://")):  # (local mode has no payload indexes)
             self._client.create_payload_index(self.collection, "sha256", models.PayloadSchemaType.KEYWORD)
         self._exists = True
+        return caption_size is not None
 
     # -- reading -----------------------------------------------------------------------------------
 
