@@ -443,7 +443,11 @@ def index_folder(
         files: list[_File] = []
         accepted = extensions_for(health)
         for path in walk(root, ALL_EXTENSIONS):
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError as exc:  # gone since the walk saw it, or a broken link
+                report.errors.append(FileError(str(path), f"could not be read: {exc.strerror or exc}"))
+                continue
             item = _File(str(path), stat.st_size, stat.st_mtime_ns, sidecar.get(str(path)))
             if path.suffix.lower() not in accepted:
                 taken = ", ".join(health.get("formats") or health.get("image_formats") or ())
