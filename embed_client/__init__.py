@@ -49,7 +49,9 @@ class Unauthorized(BadRequest):
 
 
 class ServiceBusy(ServiceError):
-    """503 or 429, still after every retry."""
+    """503 or 429, still after every retry; `retry_after` is the service's Retry-After in seconds, if it sent one."""
+
+    retry_after: float | None = None
 
 
 class Unreachable(EmbedClientError):
@@ -195,7 +197,9 @@ def _error_for(response: httpx.Response) -> ServiceError:
     if status == 401:
         return Unauthorized(status, message, param)
     if status in RETRY_STATUSES:
-        return ServiceBusy(status, message, param)
+        busy = ServiceBusy(status, message, param)
+        busy.retry_after = _retry_after(response)
+        return busy
     if 400 <= status < 500:
         return BadRequest(status, message, param)
     return ServiceError(status, message, param)
@@ -238,3 +242,32 @@ def rerank(query: str, documents: Sequence[str], top_k: int | None = None, *, po
 
 def score(query: str, document: str, *, port: int = 6015) -> float:
     return _client(port).score(query, document)
+
+
+# -- the photo pipeline (index a folder into a vector store, search it) ---------------------------------------
+
+from .index import FileError, IndexReport, index_folder  # noqa: E402
+from .search import SearchHit, search  # noqa: E402
+from .store import PhotoStore  # noqa: E402
+
+__all__ = [
+    "BadRequest",
+    "EmbedClient",
+    "EmbedClientError",
+    "FileError",
+    "IndexReport",
+    "PhotoStore",
+    "RerankHit",
+    "SearchHit",
+    "ServiceBusy",
+    "ServiceError",
+    "Unauthorized",
+    "Unreachable",
+    "embed_image",
+    "embed_texts",
+    "get_embedding",
+    "index_folder",
+    "rerank",
+    "score",
+    "search",
+]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +39,14 @@ class Download:
     services: list[ServiceSpec] = field(default_factory=list)
 
 
-def plan(names: Iterable[str], to: Path) -> list[Download]:
-    """One download per repository: the two Qwen3-4B services share Z-Image-Turbo."""
+def plan(names: Iterable[str], to: Path, models: Mapping[str, str] | None = None) -> list[Download]:
+    """One download per repository: the two Qwen3-4B services share Z-Image-Turbo. `models`: a profile's
+    checkpoints instead of the table's."""
     downloads: dict[str, Download] = {}
     for name in names:
         spec = SERVICES[name]
-        item = downloads.setdefault(spec.default_model, Download(spec.default_model, to / model_dir_name(spec)))
+        repo_id = (models or {}).get(name, spec.default_model)
+        item = downloads.setdefault(repo_id, Download(repo_id, to / repo_id.rstrip("/").rsplit("/", 1)[-1]))
         if spec not in item.services:
             item.services.append(spec)
     return list(downloads.values())
@@ -78,7 +80,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         "`export <NAME>_MODEL=...` lines that point the services at them.",
     )
     parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"one of: {', '.join(SERVICES)}")
-    parser.add_argument("--profile", choices=[name for name, p in PROFILES.items() if p.uses_gpu])
+    parser.add_argument("--profile", choices=[name for name, p in PROFILES.items() if p.uses_gpu or p.models])
     parser.add_argument("--to", type=Path, required=True, metavar="DIR", help="where the model directories go")
     parser.add_argument("--source", choices=SOURCES, default=DEFAULT_SOURCE, help=f"default: {DEFAULT_SOURCE}")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -94,7 +96,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     to = args.to.expanduser().resolve()
     to.mkdir(parents=True, exist_ok=True)
-    downloads = plan(names, to)
+    downloads = plan(names, to, PROFILES[args.profile].models if args.profile else None)
     paths = []
     for number, item in enumerate(downloads, 1):
         print(f"[{number}/{len(downloads)}] {item.repo_id} -> {item.local_dir} ({args.source})", file=sys.stderr)

@@ -29,6 +29,9 @@ class Profile:
     # Settings a profile forces (the demo profile's bundled weights on CPU).
     env: Mapping[str, str] = field(default_factory=dict)
     uses_gpu: bool = True
+    # Checkpoints a profile runs instead of the table's (hub ids, downloaded by `embed_ops.download --profile`);
+    # the user's <NAME>_MODEL still wins.
+    models: Mapping[str, str] = field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {
@@ -59,6 +62,14 @@ PROFILES: dict[str, Profile] = {
             env={"BGE_EMBED_MODEL": "demo", "BGE_EMBED_DEVICE": "cpu"},
             uses_gpu=False,
         ),
+        Profile(
+            "photos-cpu",
+            ("siglip2_embed",),
+            "SigLIP2 base/16 @224 on CPU: index and search your photos without a GPU (download it once)",
+            env={"SIGLIP2_EMBED_DEVICE": "cpu"},
+            uses_gpu=False,
+            models={"siglip2_embed": "google/siglip2-base-patch16-224"},
+        ),
     )
 }
 DEFAULT_PROFILE = "high"
@@ -72,10 +83,14 @@ def profile_for(name: str) -> Profile:
 
 
 def profile_env(profile: Profile | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables to export for a profile: its forced settings, and its quantization where the user set none."""
+    """The variables to export for a profile: its forced settings, and its models and quantization where the
+    user set none."""
     if profile is None:
         return {}
     env = dict(profile.env)
+    for seed_name, model in profile.models.items():
+        if not environ.get(spec_for(seed_name).model_env, "").strip():
+            env[spec_for(seed_name).model_env] = model
     for seed_name, quantization in profile.quantization.items():
         spec = spec_for(seed_name)
         if not environ.get(spec.quantization_env, "").strip() and not environ.get("EMBED_QUANTIZATION", "").strip():

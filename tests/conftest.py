@@ -199,9 +199,11 @@ class Served:
         return self.client.get(path, **kwargs)
 
 
-def serve(class_name: str, env: dict[str, str], log_path: Path, timeout: float = 180) -> Iterator[Served]:
-    """Start `bentoml serve service:<class_name>` on a free port; yield once GET /health answers."""
-    port = free_port()
+def serve(
+    class_name: str, env: dict[str, str], log_path: Path, timeout: float = 180, port: int | None = None
+) -> Iterator[Served]:
+    """Start `bentoml serve service:<class_name>` on `port` (default: a free one); yield once GET /health answers."""
+    port = port or free_port()
     # A BentoML home per server: a starting server empties $BENTOML_HOME/prometheus_multiproc_dir,
     # which would wipe the metrics of any server already running from the same home.
     home = log_path.parent / f"bentoml-home-{port}"

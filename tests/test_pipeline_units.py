@@ -1,0 +1,71 @@
+"""The photo pipeline's pieces that need no server: the walk, captions, metadata, the busy-service pacing."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from bench.index_corpus import camera_exif, jpeg, photo
+from embed_client import EmbedClient, ServiceBusy, Unreachable
+from embed_client.index import _Limiter, _patiently, extensions_for, load_captions, read_metadata, walk
+
+
+def test_the_walk_follows_the_services_formats_and_skips_hidden_files(tmp_path):
+    for name in ["a.JPG", "b.heic", "c.avif", "d.png", "notes.txt", ".e.jpg", ".cache/f.jpg", "sub/g.webp"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = {path.relative_to(tmp_path).as_posix() for path in walk(tmp_path, extensions_for({}))}
+    assert found == {"a.JPG", "b.heic", "c.avif", "d.png", "sub/g.webp"}  # no list in /health: every photo format
+    only = extensions_for({"formats": ["JPEG", "PNG"]})
+    assert {path.name for path in walk(tmp_path, only)} == {"a.JPG", "d.png"}
+    assert ".heic" in extensions_for({"formats": ["HEIF"]}) and ".avif" in extensions_for({"formats": ["AVIF"]})
+
+
+def test_captions_from_json_and_csv_sidecars_relative_to_the_folder(tmp_path):
+    (tmp_path / "c.json").write_text('{"2024/a.jpg": "a cat", "b.jpg": "  "}')
+    assert load_captions(tmp_path / "c.json", tmp_path) == {str(tmp_path / "2024" / "a.jpg"): "a cat"}
+    (tmp_path / "c.csv").write_text('path,caption\n2024/a.jpg,"a cat, asleep"\n', encoding="utf-8")
+    assert load_captions(tmp_path / "c.csv", tmp_path) == {str(tmp_path / "2024" / "a.jpg"): "a cat, asleep"}
+    (tmp_path / "bad.csv").write_text("file,text\na.jpg,x\n")
+    with pytest.raises(ValueError, match="path` and `caption"):
+        load_captions(tmp_path / "bad.csv", tmp_path)
+
+
+def test_capture_date_and_description_from_exif_or_xmp():
+    data = jpeg(photo(1, 640, 480), camera_exif("2021:03:04 05:06:07", "a red kite"))
+    assert read_metadata(data) == ("2021-03-04T05:06:07", "a red kite")
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description><dc:description><rdf:Alt>'
+        b'<rdf:li xml:lang="x-default">Fish &amp; chips</rdf:li></rdf:Alt></dc:description>'
+        b"</rdf:Description></rdf:RDF></x:xmpmeta>"
+    )
+    assert read_metadata(jpeg(photo(2, 320, 240)) + xmp) == (None, "Fish & chips")
+    assert read_metadata(b"not an image") == (None, None)
+
+
+def test_a_busy_service_is_paced_by_its_retry_after_and_fewer_requests_in_flight():
+    answers = [httpx.Response(503, headers={"Retry-After": "0.3"}, json={"error": "busy"})] * 2
+    answers.append(httpx.Response(200, json={"embeddings": [[1.0, 0.0]], "dimension": 2}))
+    transport = httpx.MockTransport(lambda request: answers.pop(0))
+    limiter = _Limiter(4)
+    with EmbedClient("http://siglip", retries=0, transport=transport) as client:
+        started = time.monotonic()
+        assert _patiently(lambda: client.embed_images([b"jpeg"]), limiter, 60, "images") == [[1.0, 0.0]]
+    assert time.monotonic() - started >= 0.6  # two Retry-After waits
+    assert limiter.limit == 2  # 4 -> 2 -> 1 on the two 503s, +1 on the success
+
+
+def test_busy_carries_retry_after_and_an_absent_service_ends_after_max_wait():
+    transport = httpx.MockTransport(lambda request: httpx.Response(429, headers={"Retry-After": "7"}, json={}))
+    with EmbedClient("http://siglip", retries=0, transport=transport) as client, pytest.raises(ServiceBusy) as busy:
+        client.health()
+    assert busy.value.retry_after == 7.0
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    absent = EmbedClient("http://siglip", retries=0, transport=httpx.MockTransport(refused))
+    with absent, pytest.raises(Unreachable, match="no answer for 1 s"):
+        _patiently(absent.health, _Limiter(1), 1, "the image service")
