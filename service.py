@@ -1,4 +1,4 @@
-"""The BentoML services: HTTP and validation, nothing else.
+"""The six BentoML services and how they are assembled.
 
 Each row of runners/table.py becomes one BentoML service class here, built from the base class
 for its kind, so six services share one pattern:
@@ -33,33 +33,33 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from embed_http import protocols
-from embed_http.io import (
+from embed_http.errors import json_errors
+from embed_http.forms import (
     FORM_TYPES,
-    JSON_MEDIA_TYPES,
-    Dimensions,
-    DocumentedService,
-    Documents,
-    EmbeddingResponse,
-    EmbeddingsResponse,
-    Flag,
     FormOrJSON,
     ImageField,
     ImageInput,
     ImagesInput,
+    SimilarityInput,
+    image_request_limits,
+    read_image_field,
+)
+from embed_http.middleware import JSON_MEDIA_TYPES, ApiKeyAuth, ProtocolErrors, RequestBodies
+from embed_http.openapi import DocumentedService, record_spans_only_when_exported
+from embed_http.schemas import (
+    Dimensions,
+    Documents,
+    EmbeddingResponse,
+    EmbeddingsResponse,
+    Flag,
     NonBlankText,
     NonBlankTexts,
-    RequestBodies,
     RerankResponse,
     RerankResult,
     Score,
     ScoreResponse,
-    SimilarityInput,
     SimilarityResponse,
     TopK,
-    image_request_limits,
-    json_errors,
-    read_image_field,
-    record_spans_only_when_exported,
     require_items,
     require_text,
     require_texts,
@@ -293,8 +293,8 @@ def build_service(spec: ServiceSpec) -> t.Any:
     # The OpenAI / Cohere-compatible routes (embed_http/protocols.py), their error shape, and the optional API key
     # (middleware added first wraps the later ones: the key check's 401 is reshaped on /v1 too).
     svc.mount_asgi_app(protocols.protocol_app(spec), path="/", name="protocols")
-    svc.add_asgi_middleware(protocols.ProtocolErrors)
-    svc.add_asgi_middleware(protocols.ApiKeyAuth, spec=spec)
+    svc.add_asgi_middleware(ProtocolErrors)
+    svc.add_asgi_middleware(ApiKeyAuth, spec=spec)
     return svc
 
 

@@ -1,12 +1,10 @@
-"""What tools that already speak to embedding servers expect: the OpenAI and Cohere/Jina protocols,
-errors in the shape their clients parse, and an API key.
+"""What tools that already speak to embedding servers expect: the OpenAI and Cohere/Jina routes.
 
 - `POST /v1/embeddings`, `GET /v1/models` (OpenAI) on the embedding services (SigLIP2: its text tower);
-- `POST /v1/rerank` (Cohere v1 and Jina) and `POST /v2/rerank` (Cohere v2) on the rerank services;
-- every error on `/v1/*` and `/v2/*` as OpenAI's `{"error": {"message", "type", "param", "code"}}`
-  (`ProtocolErrors`, which also reshapes errors that Starlette or BentoML produce on those paths);
-- `EMBED_API_KEY`: a bearer token for every route except the health probes (`ApiKeyAuth`).
+- `POST /v1/rerank` (Cohere v1 and Jina) and `POST /v2/rerank` (Cohere v2) on the rerank services.
 
+Their errors are OpenAI-shaped (embed_http/errors.py; middleware.ProtocolErrors reshapes those Starlette
+or BentoML produce on these paths), and the API key guards them as every route (middleware.ApiKeyAuth).
 These routes are a small Starlette app that service.py mounts next to the BentoML API: it parses and
 validates its own JSON (so every answer is in the protocol's shape) and calls the same runner
 (`service.engine`) as the seed's paths, through the same queue.
@@ -15,7 +13,6 @@ validates its own JSON (so every answer is in the protocol's shape) and calls th
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import time
 import typing as t
@@ -25,40 +22,17 @@ import bentoml
 import numpy as np
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runners.config import setting
+from embed_http.errors import ProtocolError, openai_error
 from runners.errors import InputError, Overloaded
 from runners.table import ServiceSpec
 
-PROTOCOL_PREFIXES = ("/v1/", "/v2/")
 MAX_BODY_BYTES = 32 * 1024 * 1024  # far above what max_items_per_request texts of max_length tokens take
 OWNER = "embed-services"
 STARTED = int(time.time())
-
-# OpenAI's error `type` and `code` for the statuses these routes answer with.
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
-ERROR_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-
-
-class ProtocolError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or ERROR_CODES.get(status)}}
-
-
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(openai_error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def protocol_endpoint(
@@ -240,106 +214,3 @@ PROTOCOL_ROUTES = {"text_embedding": EMBEDDING_ROUTES, "image_embedding": EMBEDD
 
 def protocol_app(spec: ServiceSpec) -> Starlette:
     return Starlette(routes=PROTOCOL_ROUTES[spec.kind])
-
-
-# -- middleware: error shapes and the API key ----------------------------------------------------------
-
-
-class ProtocolErrors:
-    """On /v1/* and /v2/*, an error answer that is not yet OpenAI-shaped (Starlette's plain-text 404 and
-    405, BentoML's own errors, the API-key check's JSON) is rewritten into `{"error": {...}}`."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTOCOL_PREFIXES):
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def reshape(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                start = message  # hold it until the body says whether it needs rewriting
-                return
-            if start is None or message["type"] != "http.response.body":
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            status, body = start["status"], b"".join(chunks)
-            if not already_openai_shaped(body):
-                rewritten = JSONResponse(openai_error_body(status, error_message(body, status)), status_code=status)
-                extra = [(k, v) for k, v in start.get("headers", []) if k.lower() == b"www-authenticate"]
-                start = {**start, "headers": rewritten.raw_headers + extra}
-                body = rewritten.body
-            await send(start)
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-
-        await self.app(scope, receive, reshape)
-
-
-def already_openai_shaped(body: bytes) -> bool:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]
-
-
-def error_message(body: bytes, status: int) -> str:
-    """The message inside an error body of any shape: {"error": str}, {"detail": ...}, or plain text."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return body.decode("utf-8", "replace").strip() or f"HTTP {status}"
-    if isinstance(data, dict):
-        for key in ("error", "detail", "message"):
-            if key in data:
-                return data[key] if isinstance(data[key], str) else json.dumps(data[key])
-    return json.dumps(data)
-
-
-# BentoML's own probes and the project's /health stay open, so orchestrators need no key.
-OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz"})
-
-
-class ApiKeyAuth:
-    """With `EMBED_API_KEY` (or `<NAME>_API_KEY`) set, every other route wants `Authorization: Bearer <key>`.
-
-    The check runs before routing, so a refused request never reaches a model. Keys are compared in
-    constant time. CORS preflights (OPTIONS) carry no credentials by design and pass.
-    """
-
-    def __init__(self, app: ASGIApp, spec: ServiceSpec) -> None:
-        self.app = app
-        key = setting(spec, "API_KEY")
-        self.key = key.encode() if key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.key is None
-            or scope["type"] not in ("http", "websocket")  # lifespan events
-            or scope["path"] in OPEN_PATHS
-            or scope.get("method") == "OPTIONS"
-            or self.authorized(Headers(scope=scope).get("authorization", ""))
-        ):
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":  # none are served today; refuse the handshake all the same
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        response = JSONResponse(
-            {"error": "missing or wrong API key: send the header `Authorization: Bearer <key>`"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
-
-    def authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        assert self.key is not None
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
