@@ -10,13 +10,12 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import serve
 from prometheus_client.parser import text_string_to_metric_families
-from test_embedding_recipes import qwen3_embedding_reference
-from test_siglip import reference_texts
 from transformers import AutoTokenizer
 
 from embed_client import EmbedClient, Unauthorized
+from tests.conftest import serve
+from tests.references import qwen3_embedding_reference, reference_texts
 
 pytestmark = pytest.mark.serve
 

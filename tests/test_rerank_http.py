@@ -8,7 +8,7 @@ import pytest
 
 from runners.table import RERANK_INSTRUCTION
 from tests.conftest import serve
-from tests.test_rerank import DOCUMENTS, QUERY, card_scores
+from tests.references import DOCUMENTS, QUERY, card_scores
 
 pytestmark = pytest.mark.serve
 

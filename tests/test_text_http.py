@@ -8,8 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import serve
-from test_embedding_recipes import bge_reference, qwen3_embedding_reference
+
+from tests.conftest import serve
+from tests.references import bge_reference, qwen3_embedding_reference
+
+pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
