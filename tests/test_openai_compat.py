@@ -296,7 +296,8 @@ def test_embed_client_sends_the_api_key(qwen3_8b, qwen3_embedding_dir):
 
 def test_embed_client_embeds_images(siglip, siglip_dir, tmp_path):
     from PIL import Image
-    from test_siglip import reference_images
+
+    from tests.references import reference_images
 
     path = tmp_path / "orange.png"
     path.write_bytes(_png())

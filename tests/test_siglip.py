@@ -95,7 +95,7 @@ def test_texts_are_padded_at_the_end_to_exactly_64_tokens(make_siglip, siglip_di
 def test_right_padding_even_when_the_tokenizer_says_left(make_siglip, tmp_path):
     """Gemma's tokenizer class pads on the left by default; SigLIP pools the last position and was trained
     with padding at the end, so a checkpoint whose tokenizer says "left" must still be padded on the right."""
-    from conftest import save_tiny_siglip
+    from tests.conftest import save_tiny_siglip
 
     left = save_tiny_siglip(tmp_path / "left", padding_side="left")
     embedder = make_siglip(left)
@@ -225,8 +225,9 @@ def test_limits_come_from_the_environment(make_siglip, siglip_dir):
 
 @pytest.fixture(scope="module")
 def naflex_dir(tmp_path_factory) -> Path:
-    from conftest import build_siglip2_tokenizer
     from transformers import AutoTokenizer, Siglip2Config, Siglip2ImageProcessor, Siglip2Model
+
+    from tests.conftest import build_siglip2_tokenizer
 
     directory = tmp_path_factory.mktemp("siglip2-naflex")
     build_siglip2_tokenizer(directory)
