@@ -61,11 +61,11 @@ from embed_http.schemas import (
     SimilarityResponse,
     TopK,
     require_items,
+    require_positive,
     require_text,
     require_texts,
 )
 from runners.config import int_setting
-from runners.errors import InputError
 from runners.images import ImageSettings
 from runners.table import SERVICES, ServiceSpec
 
@@ -74,6 +74,7 @@ class ServiceBase:
     """What every service has: its table row, its runner (`engine`) and GET /health."""
 
     spec: t.ClassVar[ServiceSpec]
+    protocol_routes: t.ClassVar[list[Route]]  # the OpenAI / Cohere-compatible routes of this kind
     engine: t.Any
 
     def health(self) -> dict[str, t.Any]:
@@ -81,6 +82,8 @@ class ServiceBase:
 
 
 class TextEmbedding(ServiceBase):
+    protocol_routes = protocols.EMBEDDING_ROUTES
+
     def __init__(self) -> None:
         from runners.embedder import TextEmbedder
 
@@ -107,6 +110,8 @@ class TextEmbedding(ServiceBase):
 
 
 class Reranking(ServiceBase):
+    protocol_routes = protocols.RERANK_ROUTES
+
     def __init__(self) -> None:
         from runners.reranker import Reranker
 
@@ -125,8 +130,7 @@ class Reranking(ServiceBase):
         """Score every document against the query; the best first, at most top_k. Scores are P(relevant) in [0, 1]."""
         require_text(query, "query")
         require_items(documents, "documents", self.engine.config.max_items_per_request)
-        if top_k is not None and top_k < 1:
-            raise InputError(f"`top_k` must be at least 1, got {top_k}", param="top_k")
+        require_positive(top_k, "top_k")
         ranked = await self.engine.rank(query, documents, instruction, top_k)
         return RerankResponse(
             results=[
@@ -147,6 +151,8 @@ class Reranking(ServiceBase):
 
 class ImageEmbedding(ServiceBase):
     """Images and texts into one vector space (SigLIP2), plus SigLIP's own match score."""
+
+    protocol_routes = protocols.EMBEDDING_ROUTES  # the text tower
 
     def __init__(self) -> None:
         from runners.siglip import SiglipEmbedder
@@ -244,13 +250,7 @@ def build_service(spec: ServiceSpec) -> t.Any:
     base = KIND_BASES[spec.kind]
 
     def check_model_files() -> None:
-        """Runs once in `bentoml serve`'s main process, before any worker: a missing or broken model stops
-        the server at once with a message naming the variable (a worker failing to load would be respawned
-        by BentoML forever)."""
-        from runners.config import RunnerConfig
-        from runners.loading import check_model_files
-
-        check_model_files(RunnerConfig.from_env(spec))
+        check_start_up(spec)
 
     namespace = {
         "spec": spec,
@@ -276,26 +276,47 @@ def build_service(spec: ServiceSpec) -> t.Any:
         if not issubclass(api.input_spec, FormOrJSON):
             api.input_spec.model_config["extra"] = "forbid"
             api.input_spec.model_rebuild(force=True)
-    # The APIs that take JSON alone, up to MAX_REQUEST_MB; the image APIs take forms too, up to what the
-    # allowed images need.
+    # The OpenAI / Cohere-compatible routes (embed_http/protocols.py) for this kind.
+    svc.mount_asgi_app(Starlette(routes=base.protocol_routes), path="/", name="protocols")
+    # Middleware added first wraps the later ones: errors on /v1/* and /v2/* are reshaped into OpenAI's
+    # shape (ProtocolErrors) whichever layer answers them, the body checks' and the key check's too.
+    svc.add_asgi_middleware(ProtocolErrors)
+    # The APIs that take JSON alone (the seed paths and the protocol routes), up to MAX_REQUEST_MB; the image
+    # APIs take forms too, up to what the allowed images need. The limits are read as the service starts.
     json_routes = frozenset(
         api.route
         for api in svc.apis.values()
         if api.input_spec.mime_type() == "application/json" and not issubclass(api.input_spec, FormOrJSON)
-    )
-    max_bytes = int_setting(spec, "MAX_REQUEST_MB", 32) * 2**20
-    svc.add_asgi_middleware(RequestBodies, routes=json_routes, max_bytes=max_bytes)
+    ) | {route.path for route in base.protocol_routes if "POST" in (route.methods or ())}
+    svc.add_asgi_middleware(RequestBodies, routes=json_routes, max_bytes=functools.partial(json_body_limit, spec))
     form_routes = frozenset(api.route for api in svc.apis.values() if issubclass(api.input_spec, FormOrJSON))
     if form_routes:
-        image_body = image_request_limits(ImageSettings.from_env(spec))["body"]
         media_types = (*JSON_MEDIA_TYPES, *FORM_TYPES)
+        image_body = functools.partial(image_body_limit, spec)
         svc.add_asgi_middleware(RequestBodies, routes=form_routes, max_bytes=image_body, media_types=media_types)
-    # The OpenAI / Cohere-compatible routes (embed_http/protocols.py), their error shape, and the optional API key
-    # (middleware added first wraps the later ones: the key check's 401 is reshaped on /v1 too).
-    svc.mount_asgi_app(protocols.protocol_app(spec), path="/", name="protocols")
-    svc.add_asgi_middleware(ProtocolErrors)
     svc.add_asgi_middleware(ApiKeyAuth, spec=spec)
     return svc
+
+
+def json_body_limit(spec: ServiceSpec) -> int:
+    return int_setting(spec, "MAX_REQUEST_MB", 32) * 2**20
+
+
+def image_body_limit(spec: ServiceSpec) -> int:
+    return image_request_limits(ImageSettings.from_env(spec))["body"]
+
+
+def check_start_up(spec: ServiceSpec) -> None:
+    """Runs once in `bentoml serve`'s main process, before any worker (bentoml.on_deployment): a missing or
+    broken model, or a malformed setting, stops the server at once with a message naming the variable (a
+    worker failing to load would be respawned by BentoML forever). Only this service's settings are read."""
+    from runners.config import RunnerConfig
+    from runners.loading import check_model_files
+
+    json_body_limit(spec)
+    if spec.kind == "image_embedding":
+        image_body_limit(spec)
+    check_model_files(RunnerConfig.from_env(spec))
 
 
 # Before the server builds its middleware (which takes the tracer provider once): see its docstring.

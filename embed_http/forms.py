@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from embed_http.errors import Rejected
+from embed_http.errors import STATUS, Rejected
 from embed_http.schemas import NonBlankText
 from runners.errors import InputError
 from runners.images import ImageSettings
@@ -89,7 +89,9 @@ async def read_image_field(value: t.Any, name: str, max_bytes: int) -> bytes | s
         return value
     data = await value.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise InputError(f"`{name}` is over {max_bytes} bytes; at most {max_bytes} per image", status=413, param=name)
+        raise InputError(
+            f"`{name}` is over {max_bytes} bytes; at most {max_bytes} per image", status=STATUS["too_large"], param=name
+        )
     if not data:
         raise InputError(f"`{name}` is an empty upload", param=name)
     return data

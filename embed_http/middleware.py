@@ -11,7 +11,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embed_http.errors import error_response, openai_error_body
+from embed_http.errors import STATUS, error_response, openai_error_body
 from runners.config import setting
 from runners.table import ServiceSpec
 
@@ -21,7 +21,8 @@ PROTOCOL_PREFIXES = ("/v1/", "/v2/")
 
 class RequestBodies:
     """ASGI middleware for the API routes: a body of another media type than `media_types` gets a 415, a body
-    over `max_bytes` a 413, both as JSON and before BentoML reads or parses it.
+    over `max_bytes` a 413, both as JSON and before BentoML reads or parses it. `max_bytes` may be a function of
+    the service's settings: it is then read when the server builds its middleware, as the service starts.
 
     BentoML would otherwise parse form and multipart bodies on the JSON APIs too (a multipart body without
     a boundary escapes its parser as a 500), and it reads a body of any size into memory, a chunked one
@@ -29,11 +30,15 @@ class RequestBodies:
     """
 
     def __init__(
-        self, app: ASGIApp, routes: frozenset[str], max_bytes: int, media_types: tuple[str, ...] = JSON_MEDIA_TYPES
+        self,
+        app: ASGIApp,
+        routes: frozenset[str],
+        max_bytes: int | t.Callable[[], int],
+        media_types: tuple[str, ...] = JSON_MEDIA_TYPES,
     ) -> None:
         self.app = app
         self.routes = routes
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes() if callable(max_bytes) else max_bytes
         self.media_types = media_types
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -45,9 +50,9 @@ class RequestBodies:
         if media_type not in self.media_types:
             wanted = " or ".join(kind for kind in self.media_types if kind)
             message = f"send the body as {wanted} (Content-Type), not {media_type}"
-            await error_response(415, message)(scope, receive, send)
+            await error_response(STATUS["unsupported_media_type"], message)(scope, receive, send)
             return
-        too_large = error_response(413, f"the request body is larger than {self.max_bytes} bytes")
+        too_large = error_response(STATUS["too_large"], f"the request body is larger than {self.max_bytes} bytes")
         declared = headers.get(b"content-length", b"")
         if declared.isdigit():
             if int(declared) > self.max_bytes:
@@ -168,7 +173,7 @@ class ApiKeyAuth:
             return
         response = JSONResponse(
             {"error": "missing or wrong API key: send the header `Authorization: Bearer <key>`"},
-            status_code=401,
+            status_code=STATUS["unauthorized"],
             headers={"WWW-Authenticate": "Bearer"},
         )
         await response(scope, receive, send)

@@ -20,17 +20,15 @@ import uuid
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
-from starlette.applications import Starlette
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from embed_http.errors import ProtocolError, openai_error
-from runners.errors import InputError, Overloaded
-from runners.table import ServiceSpec
+from embed_http.errors import STATUS, openai_errors
+from embed_http.schemas import Dimensions, Flag, TopK, require_items, require_positive, require_text, require_texts
+from runners.errors import InputError
 
-MAX_BODY_BYTES = 32 * 1024 * 1024  # far above what max_items_per_request texts of max_length tokens take
 OWNER = "embed-services"
 STARTED = int(time.time())
 
@@ -40,44 +38,32 @@ def protocol_endpoint(
 ) -> t.Callable[[Request], t.Awaitable[Response]]:
     """Runs a handler with the current service; every failure becomes an OpenAI-shaped error."""
 
+    @openai_errors
     async def endpoint(request: Request) -> Response:
-        try:
-            return JSONResponse(await handler(request, bentoml.get_current_service()))
-        except ProtocolError as exc:
-            return openai_error(exc.status, exc.message, exc.param, exc.code)
-        except InputError as exc:
-            return openai_error(exc.status, exc.message, exc.param)
-        except Overloaded as exc:
-            return openai_error(503, str(exc), code="overloaded")
+        return JSONResponse(await handler(request, bentoml.get_current_service()))
 
     return endpoint
 
 
 async def read_json(request: Request, model: type[BaseModel]) -> t.Any:
-    """The body as `model`, or a 4xx naming the problem (size, JSON syntax, then the first wrong field)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ProtocolError(413, f"the request body is {declared} bytes; at most {MAX_BODY_BYTES}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ProtocolError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    """The body as `model`, or a 400 naming the problem (JSON syntax, then the first wrong field). Its media
+    type and size were checked before, as on every route (middleware.RequestBodies)."""
+    body = await request.body()
     try:
         data = json.loads(body)
         # JSON may escape a lone surrogate ("\ud800"), which is no Unicode text: refuse it here, as
         # pydantic's parser does on the seed paths, rather than let the tokenizer fail on it.
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (UnicodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(400, f"the body is not valid JSON text: {type(exc).__name__}: {exc}") from None
+        raise InputError(f"the body is not valid JSON text: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
-        raise ProtocolError(400, "the body must be a JSON object")
+        raise InputError("the body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
-        raise ProtocolError(400, f"`{param}`: {first['msg']}", param=param) from None
+        raise InputError(f"`{param}`: {first['msg']}", param=param) from None
 
 
 def model_id(service: t.Any) -> str:
@@ -91,24 +77,20 @@ def model_id(service: t.Any) -> str:
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients add fields of their own (e.g. `user`)
 
-    input: t.Any = None  # checked by texts_from_input, for messages that say what is wrong
-    model: t.Optional[StrictStr] = None  # any name is accepted; the service has one model
+    input: t.Any = None  # checked by input_texts and require_texts, for messages that say what is wrong
+    model: t.Optional[str] = None  # any name is accepted; the service has one model
     encoding_format: t.Literal["float", "base64"] = "float"
-    dimensions: t.Optional[StrictInt] = None
-    instruction: t.Optional[StrictStr] = None  # not OpenAI's: a task instruction for queries (Qwen3, BGE)
+    dimensions: Dimensions = None
+    instruction: t.Optional[str] = None  # not OpenAI's: a task instruction for queries (Qwen3, BGE)
 
 
-def texts_from_input(value: t.Any, limit: int) -> list[str]:
+def input_texts(value: t.Any) -> list[t.Any]:
+    """OpenAI's `input`, one string or a list, as a list (require_texts checks the rest, as on /embed/texts)."""
     texts = [value] if isinstance(value, str) else value
-    if not isinstance(texts, list) or not texts:
-        raise ProtocolError(400, "`input` must be a string or a non-empty list of strings", param="input")
+    if not isinstance(texts, list):
+        raise InputError("`input` must be a string or a non-empty list of strings", param="input")
     if any(isinstance(item, (int, list)) for item in texts):
-        raise ProtocolError(400, "`input` as token ids is not supported; send the text itself", param="input")
-    if len(texts) > limit:
-        raise ProtocolError(413, f"`input` holds {len(texts)} items; at most {limit} per request", param="input")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise ProtocolError(400, f"`input[{index}]` must be a non-empty string", param=f"input[{index}]")
+        raise InputError("`input` as token ids is not supported; send the text itself", param="input")
     return texts
 
 
@@ -120,7 +102,7 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 
 async def create_embeddings(request: Request, service: t.Any) -> dict:
     body = await read_json(request, EmbeddingsRequest)
-    texts = texts_from_input(body.input, service.engine.config.max_items_per_request)
+    texts = require_texts(input_texts(body.input), "input", service.engine.config.max_items_per_request)
     vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions)
     return {
         "object": "list",
@@ -144,7 +126,8 @@ async def list_models(request: Request, service: t.Any) -> dict:
 async def retrieve_model(request: Request, service: t.Any) -> dict:
     wanted = request.path_params["model"]
     if wanted != model_id(service):
-        raise ProtocolError(404, f"no model {wanted!r} here; this service serves {model_id(service)!r}", "model")
+        message = f"no model {wanted!r} here; this service serves {model_id(service)!r}"
+        raise InputError(message, status=STATUS["not_found"], param="model")
     return model_card(service)
 
 
@@ -154,33 +137,26 @@ async def retrieve_model(request: Request, service: t.Any) -> dict:
 class DocumentObject(BaseModel):
     model_config = ConfigDict(extra="allow")  # Cohere: the other fields come back in the answer
 
-    text: StrictStr
+    text: t.Annotated[str, Field(strict=True)]
 
 
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # rank_fields, max_chunks_per_doc, max_tokens_per_doc: not used
 
-    query: StrictStr
-    documents: list[t.Union[StrictStr, DocumentObject]]
-    top_n: t.Optional[StrictInt] = None
-    return_documents: t.Optional[StrictBool] = None
-    model: t.Optional[StrictStr] = None
-    instruction: t.Optional[StrictStr] = None  # not Cohere's: the reranker's task instruction
+    query: str
+    documents: list[t.Union[str, DocumentObject]]
+    top_n: TopK = None
+    return_documents: t.Optional[Flag] = None
+    model: t.Optional[str] = None
+    instruction: t.Optional[str] = None  # not Cohere's: the reranker's task instruction
 
 
 def rerank_handler(return_documents_default: bool) -> t.Callable[[Request, t.Any], t.Awaitable[dict]]:
     async def rerank(request: Request, service: t.Any) -> dict:
         body = await read_json(request, RerankRequest)
-        if not body.query.strip():
-            raise ProtocolError(400, "`query` must be a non-empty string", param="query")
-        if not body.documents:
-            raise ProtocolError(400, "`documents` must be a non-empty list", param="documents")
-        limit = service.engine.config.max_items_per_request
-        if len(body.documents) > limit:
-            message = f"`documents` holds {len(body.documents)} items; at most {limit} per request"
-            raise ProtocolError(413, message, param="documents")
-        if body.top_n is not None and body.top_n < 1:
-            raise ProtocolError(400, f"`top_n` must be at least 1, got {body.top_n}", param="top_n")
+        require_text(body.query, "query")
+        require_items(body.documents, "documents", service.engine.config.max_items_per_request)
+        require_positive(body.top_n, "top_n")
         texts = [doc if isinstance(doc, str) else doc.text for doc in body.documents]
         ranked = await service.engine.rank(body.query, texts, body.instruction, body.top_n)
         with_documents = return_documents_default if body.return_documents is None else body.return_documents
@@ -209,8 +185,3 @@ RERANK_ROUTES = [
     Route("/v1/models", protocol_endpoint(list_models), methods=["GET"]),
     Route("/v1/models/{model:path}", protocol_endpoint(retrieve_model), methods=["GET"]),
 ]
-PROTOCOL_ROUTES = {"text_embedding": EMBEDDING_ROUTES, "image_embedding": EMBEDDING_ROUTES, "rerank": RERANK_ROUTES}
-
-
-def protocol_app(spec: ServiceSpec) -> Starlette:
-    return Starlette(routes=PROTOCOL_ROUTES[spec.kind])

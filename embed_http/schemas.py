@@ -10,6 +10,7 @@ import typing as t
 
 from pydantic import BaseModel, Field
 
+from embed_http.errors import STATUS
 from runners.errors import InputError
 
 # What require_text / require_texts enforce, declared in the OpenAPI document too (schema only: the
@@ -51,17 +52,19 @@ class ScoreResponse(BaseModel):
 
 
 def require_text(value: str, name: str) -> str:
-    if not value.strip():
+    if not isinstance(value, str) or not value.strip():
         raise InputError(f"`{name}` must be a non-empty string", param=name)
     return value
 
 
-def require_items(values: list[str], name: str, limit: int) -> list[str]:
-    """A non-empty list of at most `limit` strings (which may be blank: rerank documents)."""
-    if not values:
+def require_items(values: list[t.Any], name: str, limit: int) -> list[t.Any]:
+    """A non-empty list of at most `limit` items (strings, which may be blank: rerank documents)."""
+    if not isinstance(values, list) or not values:
         raise InputError(f"`{name}` must be a non-empty list of strings", param=name)
     if len(values) > limit:
-        raise InputError(f"`{name}` holds {len(values)} items; at most {limit} per request", status=413, param=name)
+        raise InputError(
+            f"`{name}` holds {len(values)} items; at most {limit} per request", status=STATUS["too_large"], param=name
+        )
     return values
 
 
@@ -69,6 +72,13 @@ def require_texts(values: list[str], name: str, limit: int) -> list[str]:
     for index, value in enumerate(require_items(values, name, limit)):
         require_text(value, f"{name}[{index}]")
     return values
+
+
+def require_positive(value: int | None, name: str) -> int | None:
+    """An optional count (top_k, top_n): absent, or at least 1."""
+    if value is not None and value < 1:
+        raise InputError(f"`{name}` must be at least 1, got {value}", param=name)
+    return value
 
 
 class Score(BaseModel):
