@@ -29,12 +29,30 @@ from embed_http.errors import STATUS, openai_errors
 from embed_http.schemas import Dimensions, Flag, TopK, require_items, require_positive, require_text, require_texts
 from runners.errors import InputError
 
+if t.TYPE_CHECKING:
+    from runners.contract import Embedder, Ranker
+    from runners.table import ServiceSpec
+
 OWNER = "embed-services"
 STARTED = int(time.time())
 
 
+class Served(t.Protocol):
+    """The service a route runs in (service.py's classes): its table row and its runner."""
+
+    spec: ServiceSpec
+
+
+class EmbeddingService(Served, t.Protocol):
+    engine: Embedder
+
+
+class RerankService(Served, t.Protocol):
+    engine: Ranker
+
+
 def protocol_endpoint(
-    handler: t.Callable[[Request, t.Any], t.Awaitable[dict]],
+    handler: t.Callable[[Request, t.Any], t.Awaitable[dict]],  # the service: one of the protocols above
 ) -> t.Callable[[Request], t.Awaitable[Response]]:
     """Runs a handler with the current service; every failure becomes an OpenAI-shaped error."""
 
@@ -66,7 +84,7 @@ async def read_json(request: Request, model: type[BaseModel]) -> t.Any:
         raise InputError(f"`{param}`: {first['msg']}", param=param) from None
 
 
-def model_id(service: t.Any) -> str:
+def model_id(service: Served) -> str:
     """The name /v1/models lists and answers carry: the service's seed name (e.g. qwen3_8b_embed)."""
     return service.spec.seed_name
 
@@ -100,7 +118,7 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
     return vector
 
 
-async def create_embeddings(request: Request, service: t.Any) -> dict:
+async def create_embeddings(request: Request, service: EmbeddingService) -> dict:
     body = await read_json(request, EmbeddingsRequest)
     texts = require_texts(input_texts(body.input), "input", service.engine.config.max_items_per_request)
     vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions)
@@ -115,15 +133,15 @@ async def create_embeddings(request: Request, service: t.Any) -> dict:
     }
 
 
-def model_card(service: t.Any) -> dict:
+def model_card(service: Served) -> dict:
     return {"id": model_id(service), "object": "model", "created": STARTED, "owned_by": OWNER}
 
 
-async def list_models(request: Request, service: t.Any) -> dict:
+async def list_models(request: Request, service: Served) -> dict:
     return {"object": "list", "data": [model_card(service)]}
 
 
-async def retrieve_model(request: Request, service: t.Any) -> dict:
+async def retrieve_model(request: Request, service: Served) -> dict:
     wanted = request.path_params["model"]
     if wanted != model_id(service):
         message = f"no model {wanted!r} here; this service serves {model_id(service)!r}"
@@ -151,8 +169,8 @@ class RerankRequest(BaseModel):
     instruction: t.Optional[str] = None  # not Cohere's: the reranker's task instruction
 
 
-def rerank_handler(return_documents_default: bool) -> t.Callable[[Request, t.Any], t.Awaitable[dict]]:
-    async def rerank(request: Request, service: t.Any) -> dict:
+def rerank_handler(return_documents_default: bool) -> t.Callable[[Request, RerankService], t.Awaitable[dict]]:
+    async def rerank(request: Request, service: RerankService) -> dict:
         body = await read_json(request, RerankRequest)
         require_text(body.query, "query")
         require_items(body.documents, "documents", service.engine.config.max_items_per_request)
