@@ -69,25 +69,49 @@ from runners.config import int_setting
 from runners.images import ImageSettings
 from runners.table import SERVICES, ServiceSpec
 
+if t.TYPE_CHECKING:
+    from runners.contract import ImageEncoder, Ranker, Runner, TextEncoder
+    from runners.loading import ModelFiles
+
 
 class ServiceBase:
-    """What every service has: its table row, its runner (`engine`) and GET /health."""
+    """What every service has: its table row, its runner (`engine`, typed by runners/contract.py) and GET /health."""
 
     spec: t.ClassVar[ServiceSpec]
     protocol_routes: t.ClassVar[list[Route]]  # the OpenAI / Cohere-compatible routes of this kind
-    engine: t.Any
+    engine: Runner
 
     def health(self) -> dict[str, t.Any]:
         return {"status": "ok", "service": self.spec.seed_name, **self.engine.describe()}
 
+    @classmethod
+    def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
+        """What can be checked before a worker loads the model (see check_start_up below)."""
+        from runners.config import RunnerConfig
+        from runners.loading import check_model_files
+
+        json_body_limit(spec)
+        return check_model_files(RunnerConfig.from_env(spec))
+
 
 class TextEmbedding(ServiceBase):
     protocol_routes = protocols.EMBEDDING_ROUTES
+    engine: TextEncoder
 
     def __init__(self) -> None:
         from runners.embedder import TextEmbedder
 
         self.engine = TextEmbedder(self.spec)
+
+    @classmethod
+    def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
+        """The model's own sentence-transformers recipe too: served, or refused now."""
+        from runners.embedder import default_instruction
+        from runners.pooling import read_sentence_transformers_config
+
+        files = super().check_start_up(spec)
+        default_instruction(spec, read_sentence_transformers_config(files.model_dir), str(files.root))
+        return files
 
     @bentoml.api(route="/embed/text")
     @json_errors
@@ -111,6 +135,7 @@ class TextEmbedding(ServiceBase):
 
 class Reranking(ServiceBase):
     protocol_routes = protocols.RERANK_ROUTES
+    engine: Ranker
 
     def __init__(self) -> None:
         from runners.reranker import Reranker
@@ -153,11 +178,17 @@ class ImageEmbedding(ServiceBase):
     """Images and texts into one vector space (SigLIP2), plus SigLIP's own match score."""
 
     protocol_routes = protocols.EMBEDDING_ROUTES  # the text tower
+    engine: ImageEncoder
 
     def __init__(self) -> None:
         from runners.siglip import SiglipEmbedder
 
         self.engine = SiglipEmbedder(self.spec)
+
+    @classmethod
+    def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
+        image_body_limit(spec)
+        return super().check_start_up(spec)
 
     def request_limits(self) -> dict[str, int]:
         return image_request_limits(self.engine.settings)
@@ -310,13 +341,7 @@ def check_start_up(spec: ServiceSpec) -> None:
     """Runs once in `bentoml serve`'s main process, before any worker (bentoml.on_deployment): a missing or
     broken model, or a malformed setting, stops the server at once with a message naming the variable (a
     worker failing to load would be respawned by BentoML forever). Only this service's settings are read."""
-    from runners.config import RunnerConfig
-    from runners.loading import check_model_files
-
-    json_body_limit(spec)
-    if spec.kind == "image_embedding":
-        image_body_limit(spec)
-    check_model_files(RunnerConfig.from_env(spec))
+    KIND_BASES[spec.kind].check_start_up(spec)
 
 
 # Before the server builds its middleware (which takes the tracer provider once): see its docstring.
