@@ -17,12 +17,9 @@ import gc
 import os
 import typing as t
 
-# Before torch is imported (OpenMP reads these once): the model's OpenMP threads sleep when idle instead
-# of spinning. They share the cores with this process's event loop (HTTP parsing, JSON); spinning
-# threads starved it (bench/cpu_serving.py, 32 clients on 2 cores: 31-68 texts/s and 15-28 CPU ms per
-# text with spinning, 129-192 texts/s and 7 CPU ms per text without). A short spin (GNU OpenMP, torch's on
-# Linux) still bridges the gaps between one forward pass's operations: 1 client 82-87 -> 113-114 texts/s,
-# 8 clients 235-241 -> 278-282, 32 clients unchanged. Either can be overridden from the environment.
+# Before torch is imported (OpenMP reads these once): the model's OpenMP threads sleep when idle instead of
+# spinning, as spinning threads starve this process's event loop on the same cores; a short spin still bridges
+# the gaps inside one forward pass (BENCHMARKS.md, CPU serving). Either can be overridden from the environment.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
@@ -260,8 +257,7 @@ def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None
       has set up multiprocess metrics);
     - everything alive now (the model, torch, transformers, BentoML) is moved out of the garbage
       collector's reach (gc.freeze). A full collection otherwise walks those hundreds of thousands of
-      objects that never die, and stalls every request while it does: p99 at 32 clients went from
-      about 400 ms to about 130 ms, and throughput up 3% (bench/cpu_serving.py's load, MiniLM, 2 cores).
+      objects that never die, and stalls every request while it does (BENCHMARKS.md: the p99 under load).
     """
 
     @functools.wraps(init)

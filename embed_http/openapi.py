@@ -33,8 +33,8 @@ def record_spans_only_when_exported() -> None:
     """With no tracing exporter configured, request spans are created non-recording.
 
     BentoML records a span for every request even then (its sampler keeps unsampled spans as
-    RECORD_ONLY), and building them was about 40% of the event loop's CPU time under load
-    (bench/cpu_serving.py, py-spy, 32 clients on 2 cores). Non-recording spans still get fresh
+    RECORD_ONLY), and building them took much of the event loop's CPU time under load (BENCHMARKS.md,
+    "no recorded spans"). Non-recording spans still get fresh
     trace and span ids, which the access log prints. A configured exporter (`tracing.exporter_type`)
     leaves BentoML's own sampling in place. service.py calls it when it is imported: before the server
     builds its middleware, which takes the provider once.

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"
 
 # On the CPU padding costs as much as real tokens, and a forward pass costs about this many tokens more
-# than its tokens (MiniLM-L6 on 2 EPYC cores: ~3 ms per pass, ~0.12 ms per token), so batches are cut
-# by length (plan_least_padding), in passes of at most CPU_PASS_ITEMS texts. Elsewhere the fixed cost
-# of a pass is large and a batch is filled up to the token budget (plan_micro_batches).
+# than its tokens (measured: BENCHMARKS.md), so batches are cut by length (plan_least_padding), in passes
+# of at most CPU_PASS_ITEMS texts. Elsewhere the fixed cost of a pass is large and a batch is filled up to
+# the token budget (plan_micro_batches).
 CPU_PASS_COST_TOKENS = 32
 CPU_PASS_ITEMS = 64
 
