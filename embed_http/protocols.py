@@ -20,7 +20,7 @@ import uuid
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -155,7 +155,7 @@ async def retrieve_model(request: Request, service: Served) -> dict:
 class DocumentObject(BaseModel):
     model_config = ConfigDict(extra="allow")  # Cohere: the other fields come back in the answer
 
-    text: t.Annotated[str, Field(strict=True)]
+    text: str  # pydantic takes no number or list as a string: strict as it is
 
 
 class RerankRequest(BaseModel):

@@ -386,11 +386,12 @@ def protocol_document(kind: str) -> dict[str, Any]:
             }
         },
     }
+    refusals = [400, 413, 415, 503]  # 415: a body that is not JSON, as on the seed paths
     if kind == "rerank":
         for route in ("/v1/rerank", "/v2/rerank"):
-            paths[route] = {"post": protocol_operation(RERANK_REQUEST, RERANK_ANSWER, [400, 413, 503])}
+            paths[route] = {"post": protocol_operation(RERANK_REQUEST, RERANK_ANSWER, refusals)}
     else:
-        paths["/v1/embeddings"] = {"post": protocol_operation(EMBEDDINGS_REQUEST, EMBEDDINGS_ANSWER, [400, 413, 503])}
+        paths["/v1/embeddings"] = {"post": protocol_operation(EMBEDDINGS_REQUEST, EMBEDDINGS_ANSWER, refusals)}
     return {"openapi": "3.0.3", "info": {"title": f"{kind} protocol routes", "version": "1"}, "paths": paths}
 
 
