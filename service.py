@@ -1,4 +1,4 @@
-"""The BentoML services: HTTP and validation, nothing else.
+"""The six BentoML services and how they are assembled.
 
 Each row of runners/table.py becomes one BentoML service class here, built from the base class
 for its kind, so six services share one pattern:
@@ -17,12 +17,9 @@ import gc
 import os
 import typing as t
 
-# Before torch is imported (OpenMP reads these once): the model's OpenMP threads sleep when idle instead
-# of spinning. They share the cores with this process's event loop (HTTP parsing, JSON); spinning
-# threads starved it (bench/cpu_serving.py, 32 clients on 2 cores: 31-68 texts/s and 15-28 CPU ms per
-# text with spinning, 129-192 texts/s and 7 CPU ms per text without). A short spin (GNU OpenMP, torch's on
-# Linux) still bridges the gaps between one forward pass's operations: 1 client 82-87 -> 113-114 texts/s,
-# 8 clients 235-241 -> 278-282, 32 clients unchanged. Either can be overridden from the environment.
+# Before torch is imported (OpenMP reads these once): the model's OpenMP threads sleep when idle instead of
+# spinning, as spinning threads starve this process's event loop on the same cores; a short spin still bridges
+# the gaps inside one forward pass (BENCHMARKS.md, CPU serving). Either can be overridden from the environment.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
@@ -33,58 +30,85 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from embed_http import protocols
-from embed_http.io import (
+from embed_http.errors import json_errors
+from embed_http.forms import (
     FORM_TYPES,
-    JSON_MEDIA_TYPES,
-    Dimensions,
-    DocumentedService,
-    Documents,
-    EmbeddingResponse,
-    EmbeddingsResponse,
-    Flag,
     FormOrJSON,
     ImageField,
     ImageInput,
     ImagesInput,
+    SimilarityInput,
+    image_request_limits,
+    read_image_field,
+)
+from embed_http.middleware import JSON_MEDIA_TYPES, ApiKeyAuth, ProtocolErrors, RequestBodies
+from embed_http.openapi import DocumentedService, record_spans_only_when_exported
+from embed_http.schemas import (
+    Dimensions,
+    Documents,
+    EmbeddingResponse,
+    EmbeddingsResponse,
+    Flag,
     NonBlankText,
     NonBlankTexts,
-    RequestBodies,
     RerankResponse,
     RerankResult,
     Score,
     ScoreResponse,
-    SimilarityInput,
     SimilarityResponse,
     TopK,
-    image_request_limits,
-    json_errors,
-    read_image_field,
-    record_spans_only_when_exported,
     require_items,
+    require_positive,
     require_text,
     require_texts,
 )
 from runners.config import int_setting
-from runners.errors import InputError
 from runners.images import ImageSettings
 from runners.table import SERVICES, ServiceSpec
 
+if t.TYPE_CHECKING:
+    from runners.contract import ImageEncoder, Ranker, Runner, TextEncoder
+    from runners.loading import ModelFiles
+
 
 class ServiceBase:
-    """What every service has: its table row, its runner (`engine`) and GET /health."""
+    """What every service has: its table row, its runner (`engine`, typed by runners/contract.py) and GET /health."""
 
     spec: t.ClassVar[ServiceSpec]
-    engine: t.Any
+    protocol_routes: t.ClassVar[list[Route]]  # the OpenAI / Cohere-compatible routes of this kind
+    engine: Runner
 
     def health(self) -> dict[str, t.Any]:
         return {"status": "ok", "service": self.spec.seed_name, **self.engine.describe()}
 
+    @classmethod
+    def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
+        """What can be checked before a worker loads the model (see check_start_up below)."""
+        from runners.config import RunnerConfig
+        from runners.loading import check_model_files
+
+        json_body_limit(spec)
+        return check_model_files(RunnerConfig.from_env(spec))
+
 
 class TextEmbedding(ServiceBase):
+    protocol_routes = protocols.EMBEDDING_ROUTES
+    engine: TextEncoder
+
     def __init__(self) -> None:
         from runners.embedder import TextEmbedder
 
         self.engine = TextEmbedder(self.spec)
+
+    @classmethod
+    def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
+        """The model's own sentence-transformers recipe too: served, or refused now."""
+        from runners.embedder import default_instruction
+        from runners.pooling import read_sentence_transformers_config
+
+        files = super().check_start_up(spec)
+        default_instruction(spec, read_sentence_transformers_config(files.model_dir), str(files.root))
+        return files
 
     @bentoml.api(route="/embed/text")
     @json_errors
@@ -107,6 +131,9 @@ class TextEmbedding(ServiceBase):
 
 
 class Reranking(ServiceBase):
+    protocol_routes = protocols.RERANK_ROUTES
+    engine: Ranker
+
     def __init__(self) -> None:
         from runners.reranker import Reranker
 
@@ -125,8 +152,7 @@ class Reranking(ServiceBase):
         """Score every document against the query; the best first, at most top_k. Scores are P(relevant) in [0, 1]."""
         require_text(query, "query")
         require_items(documents, "documents", self.engine.config.max_items_per_request)
-        if top_k is not None and top_k < 1:
-            raise InputError(f"`top_k` must be at least 1, got {top_k}", param="top_k")
+        require_positive(top_k, "top_k")
         ranked = await self.engine.rank(query, documents, instruction, top_k)
         return RerankResponse(
             results=[
@@ -148,10 +174,18 @@ class Reranking(ServiceBase):
 class ImageEmbedding(ServiceBase):
     """Images and texts into one vector space (SigLIP2), plus SigLIP's own match score."""
 
+    protocol_routes = protocols.EMBEDDING_ROUTES  # the text tower
+    engine: ImageEncoder
+
     def __init__(self) -> None:
         from runners.siglip import SiglipEmbedder
 
         self.engine = SiglipEmbedder(self.spec)
+
+    @classmethod
+    def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
+        image_body_limit(spec)
+        return super().check_start_up(spec)
 
     def request_limits(self) -> dict[str, int]:
         return image_request_limits(self.engine.settings)
@@ -223,8 +257,7 @@ def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None
       has set up multiprocess metrics);
     - everything alive now (the model, torch, transformers, BentoML) is moved out of the garbage
       collector's reach (gc.freeze). A full collection otherwise walks those hundreds of thousands of
-      objects that never die, and stalls every request while it does: p99 at 32 clients went from
-      about 400 ms to about 130 ms, and throughput up 3% (bench/cpu_serving.py's load, MiniLM, 2 cores).
+      objects that never die, and stalls every request while it does (BENCHMARKS.md: the p99 under load).
     """
 
     @functools.wraps(init)
@@ -244,13 +277,7 @@ def build_service(spec: ServiceSpec) -> t.Any:
     base = KIND_BASES[spec.kind]
 
     def check_model_files() -> None:
-        """Runs once in `bentoml serve`'s main process, before any worker: a missing or broken model stops
-        the server at once with a message naming the variable (a worker failing to load would be respawned
-        by BentoML forever)."""
-        from runners.config import RunnerConfig
-        from runners.loading import check_model_files
-
-        check_model_files(RunnerConfig.from_env(spec))
+        check_start_up(spec)
 
     namespace = {
         "spec": spec,
@@ -276,26 +303,41 @@ def build_service(spec: ServiceSpec) -> t.Any:
         if not issubclass(api.input_spec, FormOrJSON):
             api.input_spec.model_config["extra"] = "forbid"
             api.input_spec.model_rebuild(force=True)
-    # The APIs that take JSON alone, up to MAX_REQUEST_MB; the image APIs take forms too, up to what the
-    # allowed images need.
+    # The OpenAI / Cohere-compatible routes (embed_http/protocols.py) for this kind.
+    svc.mount_asgi_app(Starlette(routes=base.protocol_routes), path="/", name="protocols")
+    # Middleware added first wraps the later ones: errors on /v1/* and /v2/* are reshaped into OpenAI's
+    # shape (ProtocolErrors) whichever layer answers them, the body checks' and the key check's too.
+    svc.add_asgi_middleware(ProtocolErrors)
+    # The APIs that take JSON alone (the seed paths and the protocol routes), up to MAX_REQUEST_MB; the image
+    # APIs take forms too, up to what the allowed images need. The limits are read as the service starts.
     json_routes = frozenset(
         api.route
         for api in svc.apis.values()
         if api.input_spec.mime_type() == "application/json" and not issubclass(api.input_spec, FormOrJSON)
-    )
-    max_bytes = int_setting(spec, "MAX_REQUEST_MB", 32) * 2**20
-    svc.add_asgi_middleware(RequestBodies, routes=json_routes, max_bytes=max_bytes)
+    ) | {route.path for route in base.protocol_routes if "POST" in (route.methods or ())}
+    svc.add_asgi_middleware(RequestBodies, routes=json_routes, max_bytes=functools.partial(json_body_limit, spec))
     form_routes = frozenset(api.route for api in svc.apis.values() if issubclass(api.input_spec, FormOrJSON))
     if form_routes:
-        image_body = image_request_limits(ImageSettings.from_env(spec))["body"]
         media_types = (*JSON_MEDIA_TYPES, *FORM_TYPES)
+        image_body = functools.partial(image_body_limit, spec)
         svc.add_asgi_middleware(RequestBodies, routes=form_routes, max_bytes=image_body, media_types=media_types)
-    # The OpenAI / Cohere-compatible routes (embed_http/protocols.py), their error shape, and the optional API key
-    # (middleware added first wraps the later ones: the key check's 401 is reshaped on /v1 too).
-    svc.mount_asgi_app(protocols.protocol_app(spec), path="/", name="protocols")
-    svc.add_asgi_middleware(protocols.ProtocolErrors)
-    svc.add_asgi_middleware(protocols.ApiKeyAuth, spec=spec)
+    svc.add_asgi_middleware(ApiKeyAuth, spec=spec)
     return svc
+
+
+def json_body_limit(spec: ServiceSpec) -> int:
+    return int_setting(spec, "MAX_REQUEST_MB", 32) * 2**20
+
+
+def image_body_limit(spec: ServiceSpec) -> int:
+    return image_request_limits(ImageSettings.from_env(spec))["body"]
+
+
+def check_start_up(spec: ServiceSpec) -> None:
+    """Runs once in `bentoml serve`'s main process, before any worker (bentoml.on_deployment): a missing or
+    broken model, or a malformed setting, stops the server at once with a message naming the variable (a
+    worker failing to load would be respawned by BentoML forever). Only this service's settings are read."""
+    KIND_BASES[spec.kind].check_start_up(spec)
 
 
 # Before the server builds its middleware (which takes the tracer provider once): see its docstring.

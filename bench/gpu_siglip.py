@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from conftest import build_siglip2_tokenizer  # noqa: E402
+sys.path[:0] = [str(REPO)]
 
 from runners.config import RunnerConfig  # noqa: E402
 from runners.table import SERVICES  # noqa: E402
+from tests.conftest import build_siglip2_tokenizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the script itself (--smoke)
 SO400M_VISION = dict(

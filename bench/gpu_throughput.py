@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from conftest import build_qwen_tokenizer  # noqa: E402  (a tokenizer with Qwen's special tokens)
+sys.path[:0] = [str(REPO)]
 
 from runners.config import RunnerConfig  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
 from runners.packed import PackedBert  # noqa: E402
 from runners.table import SERVICES  # noqa: E402
+from tests.conftest import build_qwen_tokenizer  # noqa: E402  (a tokenizer with Qwen's special tokens)
 
 QWEN3_8B = dict(
     hidden_size=4096,

@@ -58,6 +58,8 @@ def runtime_dependencies() -> list[str]:
 
 # What a served process imports; the operator tools (embed_ops) and the client (embed_client) stay out of the Bentos.
 SERVER_PACKAGES = ("runners", "embed_http")
+# service.py is not an installed module (its name would clash in a user's environment); the Bentos carry it.
+SERVER_MODULES = ("service",)
 
 
 def source_files() -> list[str]:
@@ -65,9 +67,7 @@ def source_files() -> list[str]:
     setuptools = pyproject()["tool"]["setuptools"]
     missing = [package for package in SERVER_PACKAGES if package not in setuptools["packages"]]
     assert not missing, f"pyproject.toml does not list {missing}"
-    return [f"{module}.py" for module in setuptools["py-modules"]] + [
-        f"{package}/**/*.py" for package in SERVER_PACKAGES
-    ]
+    return [f"{module}.py" for module in SERVER_MODULES] + [f"{package}/**/*.py" for package in SERVER_PACKAGES]
 
 
 def image(spec: ServiceSpec) -> str:

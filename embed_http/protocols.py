@@ -1,12 +1,10 @@
-"""What tools that already speak to embedding servers expect: the OpenAI and Cohere/Jina protocols,
-errors in the shape their clients parse, and an API key.
+"""What tools that already speak to embedding servers expect: the OpenAI and Cohere/Jina routes.
 
 - `POST /v1/embeddings`, `GET /v1/models` (OpenAI) on the embedding services (SigLIP2: its text tower);
-- `POST /v1/rerank` (Cohere v1 and Jina) and `POST /v2/rerank` (Cohere v2) on the rerank services;
-- every error on `/v1/*` and `/v2/*` as OpenAI's `{"error": {"message", "type", "param", "code"}}`
-  (`ProtocolErrors`, which also reshapes errors that Starlette or BentoML produce on those paths);
-- `EMBED_API_KEY`: a bearer token for every route except the health probes (`ApiKeyAuth`).
+- `POST /v1/rerank` (Cohere v1 and Jina) and `POST /v2/rerank` (Cohere v2) on the rerank services.
 
+Their errors are OpenAI-shaped (embed_http/errors.py; middleware.ProtocolErrors reshapes those Starlette
+or BentoML produce on these paths), and the API key guards them as every route (middleware.ApiKeyAuth).
 These routes are a small Starlette app that service.py mounts next to the BentoML API: it parses and
 validates its own JSON (so every answer is in the protocol's shape) and calls the same runner
 (`service.engine`) as the seed's paths, through the same queue.
@@ -15,7 +13,6 @@ validates its own JSON (so every answer is in the protocol's shape) and calls th
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import time
 import typing as t
@@ -23,90 +20,71 @@ import uuid
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
-from starlette.applications import Starlette
-from starlette.datastructures import Headers
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runners.config import setting
-from runners.errors import InputError, Overloaded
-from runners.table import ServiceSpec
+from embed_http.errors import STATUS, openai_errors
+from embed_http.schemas import Dimensions, Flag, TopK, require_items, require_positive, require_text, require_texts
+from runners.errors import InputError
 
-PROTOCOL_PREFIXES = ("/v1/", "/v2/")
-MAX_BODY_BYTES = 32 * 1024 * 1024  # far above what max_items_per_request texts of max_length tokens take
+if t.TYPE_CHECKING:
+    from runners.contract import Embedder, Ranker
+    from runners.table import ServiceSpec
+
 OWNER = "embed-services"
 STARTED = int(time.time())
 
-# OpenAI's error `type` and `code` for the statuses these routes answer with.
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
-ERROR_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+class Served(t.Protocol):
+    """The service a route runs in (service.py's classes): its table row and its runner."""
+
+    spec: ServiceSpec
 
 
-class ProtocolError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+class EmbeddingService(Served, t.Protocol):
+    engine: Embedder
 
 
-def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or ERROR_CODES.get(status)}}
-
-
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(openai_error_body(status, message, param, code), status_code=status, headers=headers)
+class RerankService(Served, t.Protocol):
+    engine: Ranker
 
 
 def protocol_endpoint(
-    handler: t.Callable[[Request, t.Any], t.Awaitable[dict]],
+    handler: t.Callable[[Request, t.Any], t.Awaitable[dict]],  # the service: one of the protocols above
 ) -> t.Callable[[Request], t.Awaitable[Response]]:
     """Runs a handler with the current service; every failure becomes an OpenAI-shaped error."""
 
+    @openai_errors
     async def endpoint(request: Request) -> Response:
-        try:
-            return JSONResponse(await handler(request, bentoml.get_current_service()))
-        except ProtocolError as exc:
-            return openai_error(exc.status, exc.message, exc.param, exc.code)
-        except InputError as exc:
-            return openai_error(exc.status, exc.message, exc.param)
-        except Overloaded as exc:
-            return openai_error(503, str(exc), code="overloaded")
+        return JSONResponse(await handler(request, bentoml.get_current_service()))
 
     return endpoint
 
 
 async def read_json(request: Request, model: type[BaseModel]) -> t.Any:
-    """The body as `model`, or a 4xx naming the problem (size, JSON syntax, then the first wrong field)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ProtocolError(413, f"the request body is {declared} bytes; at most {MAX_BODY_BYTES}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ProtocolError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    """The body as `model`, or a 400 naming the problem (JSON syntax, then the first wrong field). Its media
+    type and size were checked before, as on every route (middleware.RequestBodies)."""
+    body = await request.body()
     try:
         data = json.loads(body)
         # JSON may escape a lone surrogate ("\ud800"), which is no Unicode text: refuse it here, as
         # pydantic's parser does on the seed paths, rather than let the tokenizer fail on it.
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (UnicodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(400, f"the body is not valid JSON text: {type(exc).__name__}: {exc}") from None
+        raise InputError(f"the body is not valid JSON text: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
-        raise ProtocolError(400, "the body must be a JSON object")
+        raise InputError("the body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
-        raise ProtocolError(400, f"`{param}`: {first['msg']}", param=param) from None
+        raise InputError(f"`{param}`: {first['msg']}", param=param) from None
 
 
-def model_id(service: t.Any) -> str:
+def model_id(service: Served) -> str:
     """The name /v1/models lists and answers carry: the service's seed name (e.g. qwen3_8b_embed)."""
     return service.spec.seed_name
 
@@ -117,24 +95,20 @@ def model_id(service: t.Any) -> str:
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients add fields of their own (e.g. `user`)
 
-    input: t.Any = None  # checked by texts_from_input, for messages that say what is wrong
-    model: t.Optional[StrictStr] = None  # any name is accepted; the service has one model
+    input: t.Any = None  # checked by input_texts and require_texts, for messages that say what is wrong
+    model: t.Optional[str] = None  # any name is accepted; the service has one model
     encoding_format: t.Literal["float", "base64"] = "float"
-    dimensions: t.Optional[StrictInt] = None
-    instruction: t.Optional[StrictStr] = None  # not OpenAI's: a task instruction for queries (Qwen3, BGE)
+    dimensions: Dimensions = None
+    instruction: t.Optional[str] = None  # not OpenAI's: a task instruction for queries (Qwen3, BGE)
 
 
-def texts_from_input(value: t.Any, limit: int) -> list[str]:
+def input_texts(value: t.Any) -> list[t.Any]:
+    """OpenAI's `input`, one string or a list, as a list (require_texts checks the rest, as on /embed/texts)."""
     texts = [value] if isinstance(value, str) else value
-    if not isinstance(texts, list) or not texts:
-        raise ProtocolError(400, "`input` must be a string or a non-empty list of strings", param="input")
+    if not isinstance(texts, list):
+        raise InputError("`input` must be a string or a non-empty list of strings", param="input")
     if any(isinstance(item, (int, list)) for item in texts):
-        raise ProtocolError(400, "`input` as token ids is not supported; send the text itself", param="input")
-    if len(texts) > limit:
-        raise ProtocolError(413, f"`input` holds {len(texts)} items; at most {limit} per request", param="input")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise ProtocolError(400, f"`input[{index}]` must be a non-empty string", param=f"input[{index}]")
+        raise InputError("`input` as token ids is not supported; send the text itself", param="input")
     return texts
 
 
@@ -144,9 +118,9 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
     return vector
 
 
-async def create_embeddings(request: Request, service: t.Any) -> dict:
+async def create_embeddings(request: Request, service: EmbeddingService) -> dict:
     body = await read_json(request, EmbeddingsRequest)
-    texts = texts_from_input(body.input, service.engine.config.max_items_per_request)
+    texts = require_texts(input_texts(body.input), "input", service.engine.config.max_items_per_request)
     vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions)
     return {
         "object": "list",
@@ -159,18 +133,19 @@ async def create_embeddings(request: Request, service: t.Any) -> dict:
     }
 
 
-def model_card(service: t.Any) -> dict:
+def model_card(service: Served) -> dict:
     return {"id": model_id(service), "object": "model", "created": STARTED, "owned_by": OWNER}
 
 
-async def list_models(request: Request, service: t.Any) -> dict:
+async def list_models(request: Request, service: Served) -> dict:
     return {"object": "list", "data": [model_card(service)]}
 
 
-async def retrieve_model(request: Request, service: t.Any) -> dict:
+async def retrieve_model(request: Request, service: Served) -> dict:
     wanted = request.path_params["model"]
     if wanted != model_id(service):
-        raise ProtocolError(404, f"no model {wanted!r} here; this service serves {model_id(service)!r}", "model")
+        message = f"no model {wanted!r} here; this service serves {model_id(service)!r}"
+        raise InputError(message, status=STATUS["not_found"], param="model")
     return model_card(service)
 
 
@@ -180,33 +155,26 @@ async def retrieve_model(request: Request, service: t.Any) -> dict:
 class DocumentObject(BaseModel):
     model_config = ConfigDict(extra="allow")  # Cohere: the other fields come back in the answer
 
-    text: StrictStr
+    text: str  # pydantic takes no number or list as a string: strict as it is
 
 
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # rank_fields, max_chunks_per_doc, max_tokens_per_doc: not used
 
-    query: StrictStr
-    documents: list[t.Union[StrictStr, DocumentObject]]
-    top_n: t.Optional[StrictInt] = None
-    return_documents: t.Optional[StrictBool] = None
-    model: t.Optional[StrictStr] = None
-    instruction: t.Optional[StrictStr] = None  # not Cohere's: the reranker's task instruction
+    query: str
+    documents: list[t.Union[str, DocumentObject]]
+    top_n: TopK = None
+    return_documents: t.Optional[Flag] = None
+    model: t.Optional[str] = None
+    instruction: t.Optional[str] = None  # not Cohere's: the reranker's task instruction
 
 
-def rerank_handler(return_documents_default: bool) -> t.Callable[[Request, t.Any], t.Awaitable[dict]]:
-    async def rerank(request: Request, service: t.Any) -> dict:
+def rerank_handler(return_documents_default: bool) -> t.Callable[[Request, RerankService], t.Awaitable[dict]]:
+    async def rerank(request: Request, service: RerankService) -> dict:
         body = await read_json(request, RerankRequest)
-        if not body.query.strip():
-            raise ProtocolError(400, "`query` must be a non-empty string", param="query")
-        if not body.documents:
-            raise ProtocolError(400, "`documents` must be a non-empty list", param="documents")
-        limit = service.engine.config.max_items_per_request
-        if len(body.documents) > limit:
-            message = f"`documents` holds {len(body.documents)} items; at most {limit} per request"
-            raise ProtocolError(413, message, param="documents")
-        if body.top_n is not None and body.top_n < 1:
-            raise ProtocolError(400, f"`top_n` must be at least 1, got {body.top_n}", param="top_n")
+        require_text(body.query, "query")
+        require_items(body.documents, "documents", service.engine.config.max_items_per_request)
+        require_positive(body.top_n, "top_n")
         texts = [doc if isinstance(doc, str) else doc.text for doc in body.documents]
         ranked = await service.engine.rank(body.query, texts, body.instruction, body.top_n)
         with_documents = return_documents_default if body.return_documents is None else body.return_documents
@@ -235,111 +203,3 @@ RERANK_ROUTES = [
     Route("/v1/models", protocol_endpoint(list_models), methods=["GET"]),
     Route("/v1/models/{model:path}", protocol_endpoint(retrieve_model), methods=["GET"]),
 ]
-PROTOCOL_ROUTES = {"text_embedding": EMBEDDING_ROUTES, "image_embedding": EMBEDDING_ROUTES, "rerank": RERANK_ROUTES}
-
-
-def protocol_app(spec: ServiceSpec) -> Starlette:
-    return Starlette(routes=PROTOCOL_ROUTES[spec.kind])
-
-
-# -- middleware: error shapes and the API key ----------------------------------------------------------
-
-
-class ProtocolErrors:
-    """On /v1/* and /v2/*, an error answer that is not yet OpenAI-shaped (Starlette's plain-text 404 and
-    405, BentoML's own errors, the API-key check's JSON) is rewritten into `{"error": {...}}`."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTOCOL_PREFIXES):
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def reshape(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                start = message  # hold it until the body says whether it needs rewriting
-                return
-            if start is None or message["type"] != "http.response.body":
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            status, body = start["status"], b"".join(chunks)
-            if not already_openai_shaped(body):
-                rewritten = JSONResponse(openai_error_body(status, error_message(body, status)), status_code=status)
-                extra = [(k, v) for k, v in start.get("headers", []) if k.lower() == b"www-authenticate"]
-                start = {**start, "headers": rewritten.raw_headers + extra}
-                body = rewritten.body
-            await send(start)
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-
-        await self.app(scope, receive, reshape)
-
-
-def already_openai_shaped(body: bytes) -> bool:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]
-
-
-def error_message(body: bytes, status: int) -> str:
-    """The message inside an error body of any shape: {"error": str}, {"detail": ...}, or plain text."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return body.decode("utf-8", "replace").strip() or f"HTTP {status}"
-    if isinstance(data, dict):
-        for key in ("error", "detail", "message"):
-            if key in data:
-                return data[key] if isinstance(data[key], str) else json.dumps(data[key])
-    return json.dumps(data)
-
-
-# BentoML's own probes and the project's /health stay open, so orchestrators need no key.
-OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/healthz"})
-
-
-class ApiKeyAuth:
-    """With `EMBED_API_KEY` (or `<NAME>_API_KEY`) set, every other route wants `Authorization: Bearer <key>`.
-
-    The check runs before routing, so a refused request never reaches a model. Keys are compared in
-    constant time. CORS preflights (OPTIONS) carry no credentials by design and pass.
-    """
-
-    def __init__(self, app: ASGIApp, spec: ServiceSpec) -> None:
-        self.app = app
-        key = setting(spec, "API_KEY")
-        self.key = key.encode() if key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.key is None
-            or scope["type"] not in ("http", "websocket")  # lifespan events
-            or scope["path"] in OPEN_PATHS
-            or scope.get("method") == "OPTIONS"
-            or self.authorized(Headers(scope=scope).get("authorization", ""))
-        ):
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":  # none are served today; refuse the handshake all the same
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        response = JSONResponse(
-            {"error": "missing or wrong API key: send the header `Authorization: Bearer <key>`"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
-
-    def authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        assert self.key is not None
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)

@@ -103,6 +103,28 @@ def run_splitting_on_oom(run: Callable[[list[int]], list[Result]], indices: list
         return run_splitting_on_oom(run, indices[:middle]) + run_splitting_on_oom(run, indices[middle:])
 
 
+def run_in_order(
+    plan: Sequence[list[int]], forward: Callable[[list[int]], Sequence[Result]], count: int
+) -> list[Result]:
+    """Each micro-batch of `plan` (positions 0..count-1) through `forward` (halved on out-of-memory), and the
+    results put back by position: the answer to position i is result i, whatever the order of the passes."""
+    results: dict[int, Result] = {}
+    for micro_batch in plan:
+        results.update(
+            zip(micro_batch, run_splitting_on_oom(lambda part: list(forward(part)), micro_batch), strict=True)
+        )
+    if len(results) != count:  # a plan that skips or repeats a position is a bug, never a silent gap
+        raise RuntimeError(f"the plan covered {len(results)} of {count} positions")
+    return [results[position] for position in range(count)]
+
+
+def runner_batcher(process: Callable[[list[Item]], list[Result]], spec: Any, config: Any) -> Batcher[Item, Result]:
+    """The one queue of a runner, sized by its settings (a RunnerConfig) and named after its service (a ServiceSpec)."""
+    return Batcher(
+        process, max_batch_items=config.max_batch_items, name=spec.seed_name, max_queued_items=config.max_queued_items
+    )
+
+
 @dataclass
 class BatchStats:
     """Counters that /health and the tests read (timings and token counts go to the observer's metrics)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ModelLoadError
-from .table import ServiceSpec
+from .table import POOLING_NAMES, ServiceSpec
 
 QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
 
@@ -51,7 +51,7 @@ class RunnerConfig:
     max_batch_tokens: int  # padded tokens in one forward pass
     max_batch_items: int  # texts taken from the queue for one round
     max_queued_items: int  # more waiting than this: new requests get a 503 at once
-    pooling: str | None  # override of the model's own pooling: cls | mean | last
+    pooling: str | None  # override of the model's own pooling: one of POOLING_NAMES
     packed: bool = True  # padding-free forward for architectures that have one (EMBED_PACKED=0 turns it off)
     compile: str = "auto"  # torch.compile the packed layers: auto (on GPUs) | 1 | 0
 
@@ -66,8 +66,8 @@ class RunnerConfig:
         if quantization not in QUANTIZATIONS:
             raise ModelLoadError(f"{spec.quantization_env}={quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
         pooling = setting(spec, "POOLING")
-        if pooling is not None and pooling not in ("cls", "mean", "last"):
-            raise ModelLoadError(f"{spec.env_prefix}_POOLING={pooling!r} is not one of cls, mean, last")
+        if pooling is not None and pooling not in POOLING_NAMES:
+            raise ModelLoadError(f"{spec.env_prefix}_POOLING={pooling!r} is not one of {', '.join(POOLING_NAMES)}")
         max_length = setting(spec, "MAX_LENGTH")
         return cls(
             model=os.environ.get(spec.model_env, "").strip() or spec.default_model,

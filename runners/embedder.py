@@ -11,21 +11,13 @@ from typing import Any
 
 import torch
 
-from .batching import Batcher, plan_least_padding, plan_micro_batches, run_splitting_on_oom
+from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher
 from .config import RunnerConfig
 from .errors import ModelLoadError
-from .loading import (
-    MAX_CHARS_PER_TOKEN,
-    check_model_files,
-    load_pretrained,
-    load_tokenizer,
-    pick_device,
-    pick_dtype,
-    token_limit,
-)
-from .packed import packed_forward_for, right_padded
+from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
+from .packed import packed_forward_for, pooled_final_hidden
 from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
-from .prompts import make_prompt
+from .prompts import Prompt, make_prompt
 from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -34,9 +26,9 @@ log = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"
 
 # On the CPU padding costs as much as real tokens, and a forward pass costs about this many tokens more
-# than its tokens (MiniLM-L6 on 2 EPYC cores: ~3 ms per pass, ~0.12 ms per token), so batches are cut
-# by length (plan_least_padding), in passes of at most CPU_PASS_ITEMS texts. Elsewhere the fixed cost
-# of a pass is large and a batch is filled up to the token budget (plan_micro_batches).
+# than its tokens (measured: BENCHMARKS.md), so batches are cut by length (plan_least_padding), in passes
+# of at most CPU_PASS_ITEMS texts. Elsewhere the fixed cost of a pass is large and a batch is filled up to
+# the token budget (plan_micro_batches).
 CPU_PASS_COST_TOKENS = 32
 CPU_PASS_ITEMS = 64
 
@@ -44,15 +36,12 @@ CPU_PASS_ITEMS = 64
 class TextEmbedder:
     def __init__(self, spec: ServiceSpec, config: RunnerConfig | None = None) -> None:
         """Load the model that `<NAME>_MODEL` names, as the environment configures it."""
-        from transformers import AutoModel
-
         config = config or RunnerConfig.from_env(spec)
-        files = check_model_files(config)
-        device = pick_device(config)
-        dtype = pick_dtype(config, device)
-        tokenizer = load_tokenizer(files, config)
-        model = load_pretrained(AutoModel, files, config, device, dtype)
-        self._setup(spec, config, model, tokenizer, str(files.root), read_sentence_transformers_config(files.model_dir))
+        parts = prepare_model(config)
+        own = read_sentence_transformers_config(parts.files.model_dir)  # refused before the weights load
+        default_instruction(spec, own, str(parts.files.root))
+        model = parts.load_model(config)
+        self._setup(spec, config, model, parts.tokenizer, str(parts.files.root), own)
 
     @classmethod
     def from_model(
@@ -82,18 +71,15 @@ class TextEmbedder:
         self.dtype = model.dtype
         self.pooling = make_pooling(config.pooling or own.pooling or spec.default_pooling or "cls")
         self.prompt = make_prompt(spec.prompt)
+        # The model's own default prompt (sentence-transformers' default_prompt_name), for texts sent without one.
+        self.default_instruction = default_instruction(spec, own, model_name)
         self.dimension = int(model.config.hidden_size)
         self.max_length = token_limit(config.max_length, own.max_seq_length or spec.default_max_length, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
         # Architectures with a padding-free forward (packed sequences) run it; others run padded.
         self.packed = packed_forward_for(model, config, self.device)
-        self.batcher: Batcher[str, tuple[torch.Tensor, int]] = Batcher(
-            self._embed_batch,
-            max_batch_items=config.max_batch_items,
-            name=spec.seed_name,
-            max_queued_items=config.max_queued_items,
-        )
+        self.batcher: Batcher[str, tuple[torch.Tensor, int]] = runner_batcher(self._embed_batch, spec, config)
         if spec.dimension is not None and spec.dimension != self.dimension:
             log.warning(
                 "%s: model has dimension %d, the table expects %d", spec.seed_name, self.dimension, spec.dimension
@@ -139,6 +125,8 @@ class TextEmbedder:
     ) -> tuple[list[list[float]], int]:
         """embed(), plus the number of tokens the model read (prompt, special tokens, after truncation)."""
         size = self.check_dimensions(dimensions)
+        if not instruction or not instruction.strip():
+            instruction = self.default_instruction
         results = await self.batcher.submit([self.prompt(text, instruction) for text in texts])
         stacked = torch.stack([vector for vector, _ in results])
         if size != self.dimension:  # Matryoshka: keep the leading dimensions, then normalize again
@@ -154,23 +142,15 @@ class TextEmbedder:
 
     def embed_token_ids(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Normalized vectors for tokenized texts, in order, run in micro-batches of similar length."""
-        results: list[torch.Tensor | None] = [None] * len(token_ids)
         lengths = [len(ids) for ids in token_ids]
         budget = self.config.max_batch_tokens
         if self.packed is not None:  # padding-free: fill each pass up to the budget of real tokens
-            forward, plan = self._forward_packed, plan_micro_batches(lengths, budget, padded=False)
+            plan = plan_micro_batches(lengths, budget, padded=False)
         elif self.device.type == "cpu":  # padding costs as much as real tokens: cut where it pays
-            forward, plan = (
-                self._forward_padded,
-                plan_least_padding(lengths, budget, CPU_PASS_COST_TOKENS, CPU_PASS_ITEMS),
-            )
+            plan = plan_least_padding(lengths, budget, CPU_PASS_COST_TOKENS, CPU_PASS_ITEMS)
         else:
-            forward, plan = self._forward_padded, plan_micro_batches(lengths, budget)
-        for micro_batch in plan:
-            vectors = run_splitting_on_oom(lambda part: list(forward([token_ids[i] for i in part])), micro_batch)
-            for index, vector in zip(micro_batch, vectors, strict=True):
-                results[index] = vector
-        return results  # type: ignore[return-value]
+            plan = plan_micro_batches(lengths, budget)
+        return run_in_order(plan, lambda part: list(self._forward([token_ids[i] for i in part])), len(token_ids))
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         room = self.max_length - (0 if self.end_id is None or self.tokenizer_appends_end else 1)
@@ -188,21 +168,10 @@ class TextEmbedder:
         return encoded
 
     @torch.inference_mode()
-    def _forward_packed(self, batch: list[list[int]]) -> torch.Tensor:
-        assert self.packed is not None
-        hidden, cu_seqlens = self.packed.forward(batch, rows=self.pooling.reads)
-        pooled = self.pooling.packed(hidden, cu_seqlens).float()
-        tokens = sum(len(ids) for ids in batch)
-        self.batcher.forward_done("text", len(batch), tokens, tokens)  # packed: no padding at all
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
-
-    @torch.inference_mode()
-    def _forward_padded(self, batch: list[list[int]]) -> torch.Tensor:
-        input_ids, mask = right_padded(batch, self.pad_id, self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        pooled = self.pooling(hidden, mask).float()
-        self.batcher.forward_done("text", len(batch), sum(len(ids) for ids in batch), input_ids.numel())
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        pooled, positions = pooled_final_hidden(self.model, self.packed, self.pooling, batch, self.pad_id, self.device)
+        self.batcher.forward_done("text", len(batch), sum(len(ids) for ids in batch), positions)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
 
     # -- start-up decisions ------------------------------------------------------------------------
 
@@ -220,3 +189,18 @@ class TextEmbedder:
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def default_instruction(spec: ServiceSpec, own: SentenceTransformersConfig, where: str) -> str | None:
+    """The model's own prompts (config_sentence_transformers.json) cross-checked against the table's prompt
+    rule, and the instruction its default prompt stands for: a prompt the rule cannot write stops the service,
+    so that an instruction never means something else than the model's prompt."""
+    rule: Prompt = make_prompt(spec.prompt)
+    for name, prompt in own.prompts.items():
+        if rule.instruction_in(prompt) is None:
+            raise ModelLoadError(
+                f"{spec.model_env}={where!r}: its sentence-transformers prompt {name!r} ({prompt!r}) is not one the "
+                f"table's {rule.name!r} prompt rule writes for {spec.seed_name}; this model does not fit the service"
+            )
+    default = own.default_prompt
+    return (rule.instruction_in(default) or None) if default is not None else None

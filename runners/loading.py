@@ -283,3 +283,34 @@ def token_limit(configured: int | None, preferred: int, model: Any) -> int:
     wanted = configured if configured is not None else preferred
     positions = getattr(model.config, "max_position_embeddings", None)
     return min(wanted, int(positions)) if positions else wanted
+
+
+# -- the load sequence every runner follows ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """What a runner has before the weights load: the checked files, the device and dtype, the tokenizer."""
+
+    files: ModelFiles
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+
+    def load_model(self, config: RunnerConfig, auto_class: Any = None) -> Any:
+        """The weights, placed and quantized as configured (AutoModel: the base model, without a head)."""
+        if auto_class is None:
+            from transformers import AutoModel
+
+            auto_class = AutoModel
+        return load_pretrained(auto_class, self.files, config, self.device, self.dtype)
+
+
+def prepare_model(config: RunnerConfig) -> ModelParts:
+    """The start of every runner's load: the same pre-flight checks as `bentoml serve`'s main process
+    (check_model_files), then device, dtype and tokenizer, so that what can fail cheaply fails before the
+    weights are read. The runner checks what its recipe needs, then calls load_model."""
+    files = check_model_files(config)
+    device = pick_device(config)
+    dtype = pick_dtype(config, device)
+    return ModelParts(files, device, dtype, load_tokenizer(files, config))

@@ -88,6 +88,25 @@ def right_padded(
     return input_ids.to(device), mask.to(device)
 
 
+def pooled_final_hidden(
+    model: Any,
+    packed: PackedQwen3 | PackedBert | None,
+    pooling: Any,
+    batch: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """Each sequence's final hidden states, pooled (a runners.pooling rule): through the padding-free forward
+    when there is one, else right-padded through the model's own. Also the positions computed, for the
+    padding metric (packed: the real tokens alone)."""
+    if packed is not None:
+        hidden, cu_seqlens = packed.forward(batch, rows=pooling.reads)
+        return pooling.packed(hidden, cu_seqlens), sum(len(ids) for ids in batch)
+    input_ids, mask = right_padded(batch, pad_id, device)
+    hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    return pooling(hidden, mask), input_ids.numel()
+
+
 def pack(token_ids: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [T], positions [T] (0..n-1 within each text) and cu_seqlens [n+1] (int32)."""
     lengths = torch.tensor([len(ids) for ids in token_ids])

@@ -7,7 +7,7 @@ config.json); the service table gives the default for models that ship none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -73,12 +73,17 @@ class LastTokenPooling:
 
 POOLINGS: dict[str, type[Pooling]] = {cls.name: cls for cls in (ClsPooling, MeanPooling, LastTokenPooling)}
 
-# sentence-transformers' Pooling config keys, in the order it would honour them.
-_ST_MODES = (
-    ("pooling_mode_lasttoken", "last"),
-    ("pooling_mode_cls_token", "cls"),
-    ("pooling_mode_mean_tokens", "mean"),
-)
+# sentence-transformers' pooling modes for the rules above. Its Pooling config names them in `pooling_mode`
+# (a name or a list, sentence-transformers 6) or as `pooling_mode_<name>: true` keys (earlier versions).
+_ST_MODES = {"lasttoken": "last", "cls": "cls", "mean": "mean"}
+_ST_LEGACY_MODES = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+}
+# The sentence-transformers modules whose effect the runner reproduces: the transformer, one pooling rule, and
+# L2 normalization (which every vector gets). Any other (Dense, LayerNorm, ...) would change the vectors.
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
 @dataclass(frozen=True)
@@ -87,23 +92,64 @@ class SentenceTransformersConfig:
 
     pooling: str | None = None
     max_seq_length: int | None = None
+    prompts: dict[str, str] = field(default_factory=dict)  # config_sentence_transformers.json's named prompts
+    default_prompt_name: str | None = None  # the prompt sentence-transformers puts before every text by default
+
+    @property
+    def default_prompt(self) -> str | None:
+        return self.prompts[self.default_prompt_name] if self.default_prompt_name else None
 
 
 def read_sentence_transformers_config(model_root: Path) -> SentenceTransformersConfig:
+    """The model's own recipe, or a ModelLoadError for what the runner cannot reproduce (serving other
+    vectors than the model's would be silent)."""
     modules = read_json(model_root / "modules.json")
     if not modules:
         return SentenceTransformersConfig()
     pooling = None
     for module in modules:
-        if module.get("type", "").endswith("Pooling"):
-            cfg = read_json(model_root / module.get("path", "") / "config.json") or {}
-            pooling = next((name for key, name in _ST_MODES if cfg.get(key)), None)
-            if pooling is None and any(v is True for k, v in cfg.items() if k.startswith("pooling_mode")):
-                raise ModelLoadError(
-                    f"{model_root}: unsupported pooling mode in {module.get('path')}/config.json: {cfg}"
-                )
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        where = (
+            f"{model_root / 'modules.json'}: module {module.get('name', module.get('idx'))!r} ({module.get('type')})"
+        )
+        if kind not in _ST_MODULES:
+            raise ModelLoadError(
+                f"{where} is not served: only {', '.join(_ST_MODULES)} are, and its vectors would not be the model's"
+            )
+        if kind == "Pooling":
+            pooling = _pooling_mode(read_json(model_root / module.get("path", "") / "config.json") or {}, where)
     bert_cfg = read_json(model_root / "sentence_bert_config.json") or {}
-    return SentenceTransformersConfig(pooling=pooling, max_seq_length=bert_cfg.get("max_seq_length"))
+    own = read_json(model_root / "config_sentence_transformers.json") or {}
+    prompts = own.get("prompts") or {}
+    default_prompt_name = own.get("default_prompt_name") or None
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise ModelLoadError(
+            f"{model_root / 'config_sentence_transformers.json'}: default_prompt_name {default_prompt_name!r} "
+            f"is not one of its prompts ({', '.join(prompts) or 'none'})"
+        )
+    return SentenceTransformersConfig(
+        pooling=pooling,
+        max_seq_length=bert_cfg.get("max_seq_length"),
+        prompts=dict(prompts),
+        default_prompt_name=default_prompt_name,
+    )
+
+
+def _pooling_mode(config: dict, where: str) -> str | None:
+    """The one pooling rule a Pooling module's config sets (sentence-transformers concatenates several)."""
+    named = config.get("pooling_mode")
+    modes = [named] if isinstance(named, str) else list(named or [])
+    for key, value in config.items():
+        if key.startswith("pooling_mode_") and value is True:
+            modes.append(_ST_LEGACY_MODES.get(key, key.removeprefix("pooling_mode_")))
+    modes = list(dict.fromkeys(modes))
+    if len(modes) > 1:
+        raise ModelLoadError(f"{where} sets several pooling modes at once ({', '.join(modes)}); one is served")
+    if modes and modes[0] not in _ST_MODES:
+        raise ModelLoadError(f"{where}: unsupported pooling mode {modes[0]!r}; served are {', '.join(_ST_MODES)}")
+    if config.get("include_prompt") is False:
+        raise ModelLoadError(f"{where} pools without the prompt's tokens (include_prompt: false), which is not served")
+    return _ST_MODES[modes[0]] if modes else None
 
 
 def make_pooling(name: str) -> Pooling:

@@ -5,6 +5,7 @@ Small named pieces; the service table says which rule a model family uses.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 
@@ -12,6 +13,11 @@ class Prompt(Protocol):
     name: str
 
     def __call__(self, text: str, instruction: str | None) -> str: ...
+
+    def instruction_in(self, prompt: str) -> str | None:
+        """The instruction that makes this rule put `prompt` before a text (a sentence-transformers prompt
+        of the model's own config), or None when this rule cannot."""
+        ...
 
 
 class InstructQueryPrompt:
@@ -24,6 +30,12 @@ class InstructQueryPrompt:
             return text
         return f"Instruct: {instruction}\nQuery:{text}"
 
+    def instruction_in(self, prompt: str) -> str | None:
+        if not prompt:
+            return ""
+        found = re.fullmatch(r"Instruct: (.+)\nQuery:", prompt, flags=re.DOTALL)
+        return found.group(1) if found else None
+
 
 class PrefixPrompt:
     """BGE: the instruction is put in front of the text verbatim.
@@ -35,6 +47,9 @@ class PrefixPrompt:
 
     def __call__(self, text: str, instruction: str | None) -> str:
         return f"{instruction}{text}" if instruction and instruction.strip() else text
+
+    def instruction_in(self, prompt: str) -> str | None:
+        return prompt
 
 
 PROMPTS: dict[str, type[Prompt]] = {cls.name: cls for cls in (InstructQueryPrompt, PrefixPrompt)}

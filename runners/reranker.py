@@ -20,21 +20,11 @@ from typing import Any
 
 import torch
 
-from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
+from .batching import Batcher, plan_micro_batches, run_in_order, runner_batcher
 from .config import RunnerConfig
 from .errors import ModelLoadError
-from .loading import (
-    MAX_CHARS_PER_TOKEN,
-    ModelFiles,
-    load_pretrained,
-    load_tokenizer,
-    locate,
-    pick_device,
-    pick_dtype,
-    read_json,
-    token_limit,
-)
-from .packed import packed_forward_for, right_padded
+from .loading import MAX_CHARS_PER_TOKEN, ModelFiles, prepare_model, read_json, token_limit
+from .packed import packed_forward_for, pooled_final_hidden
 from .pooling import LastTokenPooling
 from .table import ServiceSpec
 
@@ -65,19 +55,16 @@ class Pair:
 
 class Reranker:
     def __init__(self, spec: ServiceSpec, config: RunnerConfig | None = None) -> None:
-        from transformers import AutoModel
-
         self.spec = spec
         self.config = config or RunnerConfig.from_env(spec)
-        files = locate(self.config)
+        parts = prepare_model(self.config)
+        files = parts.files
         self.model_name = str(files.root)
-        self.device = pick_device(self.config)
-        self.dtype = pick_dtype(self.config, self.device)
+        self.device, self.dtype, self.tokenizer = parts.device, parts.dtype, parts.tokenizer
         self.default_instruction = spec.default_instruction or ""
-        self.tokenizer = load_tokenizer(files, self.config)
         self.yes_id, self.no_id = (self._single_token(word) for word in (YES, NO))
         # The base transformer only: a *ForCausalLM checkpoint loads without its head (we read two of its rows below).
-        self.model = load_pretrained(AutoModel, files, self.config, self.device, self.dtype)
+        self.model = parts.load_model(self.config)
         self.head_source, rows = self._yes_no_rows(files)
         self.yes_no_rows = rows.to(self.device, torch.float32)  # [2, hidden]: row 0 "yes", row 1 "no"
         log.info(
@@ -102,12 +89,7 @@ class Reranker:
         self.last_token = LastTokenPooling()
         # Qwen3 decoders run padding-free (packed sequences), as the embedding services do.
         self.packed = packed_forward_for(self.model, self.config, self.device)
-        self.batcher: Batcher[Pair, float] = Batcher(
-            self._score_batch,
-            max_batch_items=self.config.max_batch_items,
-            name=spec.seed_name,
-            max_queued_items=self.config.max_queued_items,
-        )
+        self.batcher: Batcher[Pair, float] = runner_batcher(self._score_batch, spec, self.config)
 
     # -- what the service asks -------------------------------------------------------------------
 
@@ -148,15 +130,10 @@ class Reranker:
 
     def _score_batch(self, pairs: list[Pair]) -> list[float]:
         token_ids = self.tokenize(pairs)
-        results: list[float | None] = [None] * len(pairs)
         plan = plan_micro_batches(
             [len(ids) for ids in token_ids], self.config.max_batch_tokens, padded=self.packed is None
         )
-        for micro_batch in plan:
-            scores = run_splitting_on_oom(lambda part: self._forward([token_ids[i] for i in part]), micro_batch)
-            for index, value in zip(micro_batch, scores, strict=True):
-                results[index] = value
-        return results  # type: ignore[return-value]
+        return run_in_order(plan, lambda part: self._forward([token_ids[i] for i in part]), len(pairs))
 
     def tokenize(self, pairs: list[Pair]) -> list[list[int]]:
         """prefix + body + suffix; the body alone is cut (at its end) so that the whole fits max_length."""
@@ -175,18 +152,11 @@ class Reranker:
 
     @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> list[float]:
-        tokens = sum(len(ids) for ids in batch)
-        if self.packed is not None:
-            hidden, cu_seqlens = self.packed.forward(batch, rows="last")
-            last = self.last_token.packed(hidden, cu_seqlens).float()  # [batch, hidden]
-            self.batcher.forward_done("pair", len(batch), tokens, tokens)  # packed: no padding at all
-        else:
-            # Right padding, then the last real token of each row: for a causal model this equals the model
-            # card's left padding (no real token attends to a pad either way), with simpler position ids.
-            input_ids, mask = right_padded(batch, self.pad_id, self.device)
-            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            last = self.last_token(hidden, mask).float()  # [batch, hidden]
-            self.batcher.forward_done("pair", len(batch), tokens, input_ids.numel())
+        # Padded on the right, then the last real token of each row: for a causal model this equals the model
+        # card's left padding (no real token attends to a pad either way), with simpler position ids.
+        last, positions = pooled_final_hidden(self.model, self.packed, self.last_token, batch, self.pad_id, self.device)
+        last = last.float()  # [batch, hidden]
+        self.batcher.forward_done("pair", len(batch), sum(len(ids) for ids in batch), positions)
         yes_no = last @ self.yes_no_rows.T  # [batch, 2]: the only two logits the score needs
         return torch.sigmoid(yes_no[:, 0] - yes_no[:, 1]).cpu().tolist()
 

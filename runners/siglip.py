@@ -21,26 +21,17 @@ from typing import Any, Union
 
 import torch
 
-from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
+from .batching import Batcher, plan_micro_batches, run_in_order, runner_batcher
 from .config import RunnerConfig
+from .contract import ImageSource
 from .errors import InputError, ModelLoadError
 from .images import FORMAT_NAMES, ImageSettings, bytes_from_base64, open_image
-from .loading import (
-    MAX_CHARS_PER_TOKEN,
-    load_image_processor,
-    load_pretrained,
-    load_tokenizer,
-    locate,
-    pick_device,
-    pick_dtype,
-)
+from .loading import MAX_CHARS_PER_TOKEN, load_image_processor, prepare_model
 from .pooling import check_dimensions
 from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
 
-# What one image may arrive as: the file's bytes, or base64 / a data: URI as text.
-ImageSource = Union[bytes, str]
 # The text tower's inputs we pass on; a tokenizer may return more (token_type_ids) that SigLIP does not take.
 _TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -125,19 +116,15 @@ class SiglipEmbedder:
     def __init__(
         self, spec: ServiceSpec, config: RunnerConfig | None = None, settings: ImageSettings | None = None
     ) -> None:
-        from transformers import AutoModel
-
         self.spec = spec
         self.config = config or RunnerConfig.from_env(spec)
         self.settings = settings or ImageSettings.from_env(spec)
-        files = locate(self.config)
-        self.model_name = str(files.root)
-        self.device = pick_device(self.config)
-        self.dtype = pick_dtype(self.config, self.device)
-        self.tokenizer = load_tokenizer(files, self.config)
-        self.image_processor = load_image_processor(files, self.config)
+        parts = prepare_model(self.config)
+        self.model_name = str(parts.files.root)
+        self.device, self.dtype, self.tokenizer = parts.device, parts.dtype, parts.tokenizer
+        self.image_processor = load_image_processor(parts.files, self.config)
         self.fixed_size = FixedSizePixels.from_processor(self.image_processor)
-        self.model = load_pretrained(AutoModel, files, self.config, self.device, self.dtype)
+        self.model = parts.load_model(self.config)
         for needed in ("get_image_features", "get_text_features", "logit_scale", "logit_bias"):
             if not hasattr(self.model, needed):
                 raise ModelLoadError(
@@ -155,12 +142,7 @@ class SiglipEmbedder:
             max_workers=self.settings.decode_threads, thread_name_prefix=f"{spec.seed_name}-decode"
         )
         # Each result is (vector, tokens read): the token count of a text, 0 for an image.
-        self.batcher: Batcher[Item, tuple[torch.Tensor, int]] = Batcher(
-            self._embed_batch,
-            max_batch_items=self.config.max_batch_items,
-            name=spec.seed_name,
-            max_queued_items=self.config.max_queued_items,
-        )
+        self.batcher: Batcher[Item, tuple[torch.Tensor, int]] = runner_batcher(self._embed_batch, spec, self.config)
         if spec.dimension is not None and spec.dimension != self.dimension:
             log.warning(
                 "%s: model has dimension %d, the table expects %d", spec.seed_name, self.dimension, spec.dimension
@@ -263,34 +245,36 @@ class SiglipEmbedder:
     # -- the model side (runs in the batcher's worker thread) ------------------------------------------
 
     def _embed_batch(self, items: list[Item]) -> list[tuple[torch.Tensor, int]]:
-        results: list[tuple[torch.Tensor, int] | None] = [None] * len(items)
-        texts = [index for index, item in enumerate(items) if isinstance(item, str)]
-        images = [index for index, item in enumerate(items) if isinstance(item, PreparedImage)]
+        """Texts and images of one batch, each kind in its own passes; the results in the items' order."""
+        results: dict[int, tuple[torch.Tensor, int]] = {}
+        texts = [(index, item) for index, item in enumerate(items) if isinstance(item, str)]
+        images = [(index, item) for index, item in enumerate(items) if isinstance(item, PreparedImage)]
         if texts:
-            encoded = self._tokenize([items[index] for index in texts])  # type: ignore[misc]
+            encoded = self._tokenize([text for _, text in texts])
             lengths = self._real_lengths(encoded["input_ids"])
+
+            def text_pass(part: list[int]) -> list[torch.Tensor]:
+                vectors = list(self._forward_text({key: value[part] for key, value in encoded.items()}))
+                real = sum(lengths[i] for i in part)
+                self.batcher.forward_done("text", len(part), real, len(part) * self.max_length)
+                return vectors
+
             plan = plan_micro_batches([self.max_length] * len(texts), self.config.max_batch_tokens)
-            for micro_batch in plan:
-                vectors = run_splitting_on_oom(
-                    lambda part: list(self._forward_text({key: value[part] for key, value in encoded.items()})),
-                    micro_batch,
-                )
-                for position, vector in zip(micro_batch, vectors, strict=True):
-                    results[texts[position]] = (vector, lengths[position])
-                self.batcher.forward_done(
-                    "text", len(micro_batch), sum(lengths[i] for i in micro_batch), len(micro_batch) * self.max_length
-                )
+            vectors = run_in_order(plan, text_pass, len(texts))
+            for (index, _), vector, length in zip(texts, vectors, lengths, strict=True):
+                results[index] = (vector, length)
         if images:
+
+            def image_pass(part: list[int]) -> list[torch.Tensor]:
+                vectors = list(self._forward_images([images[i][1] for i in part]))
+                self.batcher.forward_done("image", len(part))
+                return vectors
+
             plan = plan_micro_batches([1] * len(images), self.settings.max_batch_images)
-            for micro_batch in plan:
-                vectors = run_splitting_on_oom(
-                    lambda part: list(self._forward_images([items[images[i]] for i in part])),  # type: ignore[misc]
-                    micro_batch,
-                )
-                for position, vector in zip(micro_batch, vectors, strict=True):
-                    results[images[position]] = (vector, 0)
-                self.batcher.forward_done("image", len(micro_batch))
-        return results  # type: ignore[return-value]
+            vectors = run_in_order(plan, image_pass, len(images))
+            for (index, _), vector in zip(images, vectors, strict=True):
+                results[index] = (vector, 0)
+        return [results[index] for index in range(len(items))]
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         # Lower-cased: the model was trained on lower-cased text. Padded at the end to exactly max_length:

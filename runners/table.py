@@ -8,10 +8,15 @@ deployment files are checked against it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
+# The names below are defined here once; the pieces they name (service base classes, pooling rules) are
+# keyed by them, and tests/test_layers.py checks that every such map covers every name.
 Kind = Literal["text_embedding", "rerank", "image_embedding"]
+KINDS: tuple[str, ...] = get_args(Kind)
 Quantization = Literal["none", "int8", "nf4", "fp8"]
+PoolingName = Literal["cls", "mean", "last"]
+POOLING_NAMES: tuple[str, ...] = get_args(PoolingName)
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class ServiceSpec:
     default_quantization: Quantization
     params_billion: float  # for the VRAM estimate of a profile
     # Pooling when the model ships no sentence-transformers config of its own.
-    default_pooling: Literal["cls", "mean", "last"] | None = None
+    default_pooling: PoolingName | None = None
     # How an instruction is put in front of a text: "instruct_query" (Qwen3-Embedding) or "prefix" (BGE).
     prompt: Literal["instruct_query", "prefix"] | None = None
     default_instruction: str | None = None

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from runners.batching import Batcher, plan_micro_batches, run_splitting_on_oom
+from runners.batching import Batcher, plan_micro_batches, run_in_order, run_splitting_on_oom
 from runners.errors import Overloaded
 
 
@@ -117,3 +117,20 @@ def test_a_full_queue_answers_overloaded_at_once_and_recovers():
     results, after = asyncio.run(main())
     assert results == [["a"], ["b", "c", "d"], ["b", "c", "d"]] and after == ["f"]
     batcher.close()
+
+
+def test_run_in_order_puts_each_result_back_at_its_position():
+    items = [f"text {index}" for index in range(10)]
+    plan = [[7, 2, 9], [0], [5, 1, 8, 3], [6, 4]]  # passes in any order, as a length-sorted plan gives
+    ran: list[list[int]] = []
+
+    def forward(part: list[int]) -> list[str]:
+        if len(part) > 2:
+            raise torch.OutOfMemoryError("simulated")  # halved until it fits
+        ran.append(part)
+        return [items[index].upper() for index in part]
+
+    assert run_in_order(plan, forward, len(items)) == [item.upper() for item in items]
+    assert sorted(index for part in ran for index in part) == list(range(10))  # each position ran once
+    with pytest.raises(RuntimeError, match="covered 9 of 10"):
+        run_in_order([[0, 1, 2], [3, 4, 5, 6, 7, 8]], lambda part: [items[index] for index in part], len(items))

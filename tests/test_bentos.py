@@ -113,8 +113,11 @@ def test_bento_builds_offline_with_a_cuda_image_and_the_services_dependencies(bu
     assert manifest["services"][0]["config"]["resources"] == {"gpu": 1}
     source = bento / "src"
     assert (source / "service.py").is_file() and (source / "runners" / "table.py").is_file()
-    modules = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
-    assert [module for module in modules if not (source / f"{module}.py").is_file()] == []  # service.py imports them
+    from deploy.generate import SERVER_MODULES, SERVER_PACKAGES
+
+    assert [module for module in SERVER_MODULES if not (source / f"{module}.py").is_file()] == []
+    assert [package for package in SERVER_PACKAGES if not (source / package / "__init__.py").is_file()] == []
+    assert not (source / "embed_ops").exists() and not (source / "embed_client").exists()  # not the server's
     assert not (source / "tests").exists()
     weights = [p for p in bento.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
     assert weights == []

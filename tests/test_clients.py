@@ -12,12 +12,11 @@ import cohere
 import httpx
 import pytest
 import torch
-from conftest import REPO, serve
-from test_embedding_recipes import bge_reference
-from test_rerank import DOCUMENTS, QUERY, card_scores
 
 import embed_client
 from embed_client import BadRequest, EmbedClient, RerankHit, ServiceBusy, Unauthorized, Unreachable
+from tests.conftest import REPO, serve
+from tests.references import DOCUMENTS, QUERY, bge_reference, card_scores
 
 pytestmark = pytest.mark.serve
 

@@ -14,8 +14,8 @@ from runners.config import RunnerConfig
 from runners.embedder import TextEmbedder
 from runners.errors import InputError
 from runners.table import SERVICES
+from tests.references import END, bge_reference, close, qwen3_embedding_reference
 
-END = "<|endoftext|>"
 TEXTS = ["an orange cat sleeps in the sun", "yes", "a black dog runs on the grass " * 5, "一只橙色的猫"]
 
 
@@ -42,24 +42,7 @@ def embed(embedder: TextEmbedder, texts, instruction=None, dimensions=None) -> t
     return torch.tensor(asyncio.run(embedder.embed(list(texts), instruction, dimensions)))
 
 
-def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
-    return a.shape == b.shape and torch.allclose(a, b, atol=atol, rtol=0)
-
-
 # -- Qwen3-Embedding: last token, <|endoftext|> once, Instruct/Query prompt, Matryoshka -------------
-
-
-def qwen3_embedding_reference(model_dir: Path, texts, instruction=None) -> torch.Tensor:
-    """The model card's code: left padding, last position, L2 normalize."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
-    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    if instruction:
-        texts = [f"Instruct: {instruction}\nQuery:{text}" for text in texts]
-    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=8192, return_tensors="pt")
-    assert (batch["input_ids"][:, -1] == tokenizer.convert_tokens_to_ids(END)).all()
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    return F.normalize(hidden[:, -1], p=2, dim=1)
 
 
 def test_qwen3_embedding_matches_model_card(make_embedder, qwen3_embedding_dir):
@@ -109,17 +92,6 @@ def test_matryoshka_dimensions_cut_then_renormalize(make_embedder, qwen3_embeddi
 
 
 # -- BGE: the pooling its own sentence-transformers config declares (CLS), instruction prefixed ----
-
-
-def bge_reference(model_dir: Path, texts, instruction: str = "") -> torch.Tensor:
-    """BGE's model card: CLS token of the last hidden state, normalized; the instruction in front of queries."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModel.from_pretrained(str(model_dir)).eval()
-    batch = tokenizer(
-        [instruction + text for text in texts], padding=True, truncation=True, max_length=512, return_tensors="pt"
-    )
-    with torch.no_grad():
-        return F.normalize(model(**batch)[0][:, 0], p=2, dim=1)
 
 
 def test_bge_uses_cls_pooling_and_prefix_instruction(make_embedder, bge_dir):

@@ -57,7 +57,7 @@ def embed_all(embedder: TextEmbedder, requests: list[list[str]]) -> list:
 
 def oom_when(embedder: TextEmbedder, monkeypatch, too_big) -> list[int]:
     """Make the forward pass raise torch.OutOfMemoryError when too_big(batch); return the batch sizes seen."""
-    name = "_forward_packed" if embedder.packed is not None else "_forward_padded"  # the path this model runs
+    name = "_forward"  # packed or padded, the one forward pass of this model
     real_forward = getattr(embedder, name)
     sizes: list[int] = []
 

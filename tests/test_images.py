@@ -7,7 +7,11 @@ import io
 
 import numpy as np
 import pytest
-from pictures import (
+from PIL import Image
+
+from runners.errors import InputError
+from runners.images import ImageLimits, bytes_from_base64, open_image
+from tests.pictures import (
     BLUE,
     RED,
     WHITE,
@@ -21,10 +25,6 @@ from pictures import (
     rgb_array,
     transparent_rgba,
 )
-from PIL import Image
-
-from runners.errors import InputError
-from runners.images import ImageLimits, bytes_from_base64, open_image
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=1_000_000)
 

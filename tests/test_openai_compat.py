@@ -10,18 +10,18 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import serve
 from prometheus_client.parser import text_string_to_metric_families
-from test_embedding_recipes import qwen3_embedding_reference
-from test_siglip import reference_texts
 from transformers import AutoTokenizer
 
 from embed_client import EmbedClient, Unauthorized
+from tests.conftest import serve
+from tests.references import qwen3_embedding_reference, reference_texts
 
 pytestmark = pytest.mark.serve
 
 API_KEY = "s3cret-key-for-tests"
 ITEM_LIMIT = 8
+MAX_REQUEST_MB = 1
 TEXTS = ["一只橙色的猫在阳光下晒太阳", "a black dog runs on the grass", "cat"]
 
 
@@ -39,6 +39,7 @@ def qwen3_8b(qwen3_embedding_dir, tmp_path_factory):
         "QWEN3_8B_EMBED_QUANTIZATION": "none",
         "EMBED_API_KEY": API_KEY,
         "EMBED_MAX_ITEMS_PER_REQUEST": str(ITEM_LIMIT),
+        "EMBED_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
         **own_home(tmp_path_factory),
     }
     yield from serve("Qwen3Embed8B", env, tmp_path_factory.mktemp("logs") / "qwen3_8b_openai.log")
@@ -183,6 +184,31 @@ def test_routing_errors_on_v1_are_openai_shaped_and_seed_paths_keep_their_own(qw
     assert seed.status_code == 400 and isinstance(seed.json()["error"], str)  # the project's own shape
 
 
+def test_v1_honours_the_body_limit_and_media_type_of_the_seed_paths(qwen3_8b):
+    """EMBED_MAX_REQUEST_MB and the JSON-only check hold on /v1/* as on the seed paths, in OpenAI's shape."""
+    big = {"input": "a" * (2 * MAX_REQUEST_MB * 2**20)}  # 2 MB of text: over the 1 MB limit
+    for path, body in (("/v1/embeddings", big), ("/embed/text", {"text": big["input"]})):
+        answer = authorized(qwen3_8b, "POST", path, json=body)
+        assert answer.status_code == 413, (path, answer.text[:200])
+    error = authorized(qwen3_8b, "POST", "/v1/embeddings", json=big).json()["error"]
+    assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+    assert str(MAX_REQUEST_MB * 2**20) in error["message"]
+    # Chunked (no Content-Length): read up to the limit, then refused the same way.
+    chunks = iter([b'{"input": "', b"a" * (2 * 2**20), b'"}'])
+    chunked = authorized(
+        qwen3_8b, "POST", "/v1/embeddings", content=chunks, headers={"Content-Type": "application/json"}
+    )
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    as_text = authorized(
+        qwen3_8b, "POST", "/v1/embeddings", content=b'{"input": "cat"}', headers={"Content-Type": "text/plain"}
+    )
+    assert as_text.status_code == 415, as_text.text
+    assert set(as_text.json()["error"]) == {"message", "type", "param", "code"}
+    assert "application/json" in as_text.json()["error"]["message"]
+    # Under the limit and as JSON, the same route still answers.
+    assert authorized(qwen3_8b, "POST", "/v1/embeddings", json={"input": "cat"}).status_code == 200
+
+
 def test_siglip_text_tower_speaks_openai(siglip, siglip_dir):
     with openai.OpenAI(base_url=f"{siglip.url}/v1", api_key="unused", max_retries=0) as client:
         answer = client.embeddings.create(model="siglip2_embed", input=["An orange cat", "a dog"])
@@ -297,7 +323,8 @@ def test_embed_client_sends_the_api_key(qwen3_8b, qwen3_embedding_dir):
 
 def test_embed_client_embeds_images(siglip, siglip_dir, tmp_path):
     from PIL import Image
-    from test_siglip import reference_images
+
+    from tests.references import reference_images
 
     path = tmp_path / "orange.png"
     path.write_bytes(_png())

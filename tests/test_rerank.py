@@ -7,70 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from runners.config import RunnerConfig
 from runners.errors import ModelLoadError
 from runners.reranker import Reranker, read_checkpoint_rows
 from runners.table import SERVICES
-
-# Copied from the model card (not imported from the code under test).
-CARD_PREFIX = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
-    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
-)
-CARD_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-CARD_TASK = "Given a web search query, retrieve relevant passages that answer the query"
-
-QUERY = "an orange cat"
-DOCUMENTS = [
-    "an orange cat sleeps in the sun",
-    "a black dog runs on the grass " * 6,
-    "yes",
-    "一只橙色的猫在阳光下晒太阳",
-    "the cat sat on the mat. " * 3,
-    "",
-]
-
-
-def card_format(instruction: str | None, query: str, document: str) -> str:
-    if instruction is None:
-        instruction = CARD_TASK
-    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
-
-
-def card_inputs(tokenizer, query: str, documents: list[str], instruction: str | None, max_length: int) -> dict:
-    """The model card's process_inputs: truncate the body only, wrap, pad on the left."""
-    prefix = tokenizer.encode(CARD_PREFIX, add_special_tokens=False)
-    suffix = tokenizer.encode(CARD_SUFFIX, add_special_tokens=False)
-    pairs = [card_format(instruction, query, document) for document in documents]
-    inputs = tokenizer(
-        pairs,
-        padding=False,
-        truncation="longest_first",
-        return_attention_mask=False,
-        max_length=max_length - len(prefix) - len(suffix),
-    )
-    for i, ids in enumerate(inputs["input_ids"]):
-        inputs["input_ids"][i] = prefix + ids + suffix
-    return tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
-
-
-def card_scores(model_dir: Path, tokenizer_dir: Path, query, documents, instruction=None, max_length=8192):
-    """Full forward, full-vocabulary logits at the last position, log-softmax over (no, yes), exp of yes."""
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), padding_side="left")
-    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    inputs = card_inputs(tokenizer, query, documents, instruction, max_length)
-    assert (inputs["attention_mask"][:, 0] == 0).any()  # some rows really are left-padded
-    with torch.no_grad():
-        if (model_dir / "config.json").read_text().count("ForCausalLM"):
-            logits = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()(**inputs).logits[:, -1, :]
-        else:  # Z-Image's text encoder: a bare Qwen3Model whose output projection is its tied input embeddings
-            model = AutoModel.from_pretrained(str(model_dir)).eval()
-            hidden = model(**inputs).last_hidden_state[:, -1, :]
-            logits = hidden @ model.get_input_embeddings().weight.T
-    pair = torch.stack([logits[:, no], logits[:, yes]], dim=1)
-    return torch.nn.functional.log_softmax(pair, dim=1)[:, 1].exp()
+from tests.references import CARD_PREFIX, CARD_SUFFIX, DOCUMENTS, QUERY, card_format, card_scores
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 from runners.table import RERANK_INSTRUCTION
 from tests.conftest import serve
-from tests.test_rerank import DOCUMENTS, QUERY, card_scores
+from tests.references import DOCUMENTS, QUERY, card_scores
 
 pytestmark = pytest.mark.serve
 
@@ -157,3 +157,12 @@ def test_empty_document_strings_are_scored(rerank_8b):
     """An empty caption is a document with nothing in it, not a malformed request."""
     response = rerank_8b.post("/rerank", json={"query": QUERY, "documents": ["", "an orange cat"]})
     assert response.status_code == 200 and len(response.json()["results"]) == 2
+
+
+def test_v1_and_v2_rerank_take_json_alone_as_the_seed_paths_do(rerank_4b):
+    body = b'{"query": "q", "documents": ["a"]}'
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
+        answer = rerank_4b.post(path, content=body, headers={"Content-Type": "text/plain"})
+        assert answer.status_code == 415, (path, answer.text)
+    error = rerank_4b.post("/v2/rerank", content=body, headers={"Content-Type": "text/plain"}).json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}  # OpenAI's shape, as every error on /v2

@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from pictures import encode, exif_rotated, quadrants, transparent_rgba
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
 
 from runners.config import RunnerConfig
 from runners.errors import InputError
 from runners.siglip import ImageSettings, SiglipEmbedder
 from runners.table import SERVICES
+from tests.pictures import encode, exif_rotated, quadrants, transparent_rgba
+from tests.references import SIGLIP_TEXTS as TEXTS
+from tests.references import card_model, close, reference_images, reference_texts
 
 SPEC = SERVICES["siglip2_embed"]
-TEXTS = ["an orange cat sleeps in the sun", "A Black DOG runs on the GRASS", "a photo of two cats", "red"]
 
 
 @pytest.fixture
@@ -52,37 +51,7 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def close(a, b, atol: float = 1e-5) -> bool:
-    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
-    return a.shape == b.shape and torch.allclose(a, b, atol=atol, rtol=0)
-
-
 # -- the model card's code, written out independently ----------------------------------------------
-
-
-def as_features(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def card_model(model_dir: Path):
-    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(str(model_dir))
-
-
-def reference_images(model_dir: Path, images: list[Image.Image]) -> torch.Tensor:
-    model, processor = card_model(model_dir)
-    batch = processor(images=images, return_tensors="pt")
-    with torch.no_grad():
-        return F.normalize(as_features(model.get_image_features(**batch)), dim=-1)
-
-
-def reference_texts(model_dir: Path, texts: list[str], lower: bool = True, **tokenizer_options) -> torch.Tensor:
-    """Lower-cased, padding="max_length", max_length=64, as the SigLIP2 model card says."""
-    model, processor = card_model(model_dir)
-    texts = [text.lower() for text in texts] if lower else list(texts)
-    batch = processor(text=texts, padding="max_length", max_length=64, return_tensors="pt", **tokenizer_options)
-    with torch.no_grad():
-        return F.normalize(as_features(model.get_text_features(**batch)), dim=-1)
 
 
 # -- embeddings -------------------------------------------------------------------------------------
@@ -126,7 +95,7 @@ def test_texts_are_padded_at_the_end_to_exactly_64_tokens(make_siglip, siglip_di
 def test_right_padding_even_when_the_tokenizer_says_left(make_siglip, tmp_path):
     """Gemma's tokenizer class pads on the left by default; SigLIP pools the last position and was trained
     with padding at the end, so a checkpoint whose tokenizer says "left" must still be padded on the right."""
-    from conftest import save_tiny_siglip
+    from tests.conftest import save_tiny_siglip
 
     left = save_tiny_siglip(tmp_path / "left", padding_side="left")
     embedder = make_siglip(left)
@@ -256,8 +225,9 @@ def test_limits_come_from_the_environment(make_siglip, siglip_dir):
 
 @pytest.fixture(scope="module")
 def naflex_dir(tmp_path_factory) -> Path:
-    from conftest import build_siglip2_tokenizer
     from transformers import AutoTokenizer, Siglip2Config, Siglip2ImageProcessor, Siglip2Model
+
+    from tests.conftest import build_siglip2_tokenizer
 
     directory = tmp_path_factory.mktemp("siglip2-naflex")
     build_siglip2_tokenizer(directory)

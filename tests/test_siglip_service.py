@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import serve
-from pictures import animated_gif, encode, exif_rotated, png_claiming, quadrants, transparent_rgba
 from PIL import Image
-from test_siglip import TEXTS, close, reference_images, reference_texts
+
+from tests.conftest import serve
+from tests.pictures import animated_gif, encode, exif_rotated, png_claiming, quadrants, transparent_rgba
+from tests.references import SIGLIP_TEXTS as TEXTS
+from tests.references import close, reference_images, reference_texts
 
 MAX_IMAGE_BYTES = 300_000
 MAX_IMAGES = 4

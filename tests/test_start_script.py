@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, free_port
+
+from tests.conftest import REPO, free_port
 
 SCRIPT = REPO / "start_embed_server.sh"
 pytestmark = pytest.mark.serve

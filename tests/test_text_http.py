@@ -8,8 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import serve
-from test_embedding_recipes import bge_reference, qwen3_embedding_reference
+
+from tests.conftest import serve
+from tests.references import bge_reference, qwen3_embedding_reference
+
+pytestmark = pytest.mark.serve
+
+MALFORMED_SIGLIP_SETTING = {"SIGLIP2_EMBED_MAX_IMAGE_BYTES": "lots"}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +28,9 @@ def qwen3_8b(qwen3_embedding_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bge(bge_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "bge_embed.log"
-    yield from serve("BgeEmbed", {"BGE_EMBED_MODEL": str(bge_dir), "EMBED_MAX_ITEMS_PER_REQUEST": "8"}, log)
+    # Another service's malformed setting is not this one's business: BgeEmbed starts all the same.
+    env = {"BGE_EMBED_MODEL": str(bge_dir), "EMBED_MAX_ITEMS_PER_REQUEST": "8", **MALFORMED_SIGLIP_SETTING}
+    yield from serve("BgeEmbed", env, log)
 
 
 def test_health_describes_the_loaded_model(qwen3_8b, qwen3_embedding_dir):
@@ -173,3 +180,10 @@ def test_start_up_moves_what_it_loaded_out_of_the_collectors_reach(bge_dir, monk
     finally:
         instance.engine.close()
         gc.unfreeze()
+
+
+def test_a_malformed_setting_of_another_service_does_not_stop_this_one(bge):
+    """Settings are read per service as it starts: SigLIP2's malformed MAX_IMAGE_BYTES (set for this server)
+    does not stop BgeEmbed, whose image-free routes answer."""
+    assert bge.get("/health").json()["service"] == "bge_embed"
+    assert bge.post("/embed/text", json={"text": "cat"}).status_code == 200

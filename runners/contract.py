@@ -1,0 +1,70 @@
+"""What the HTTP layer may call on a runner, per kind: small typed protocols that the services and the
+protocol routes hold their runner as. A new model kind is a runner that satisfies one of these, plus a
+row in runners/table.py."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+if TYPE_CHECKING:  # annotations only: importing this module imports no torch
+    from .batching import Batcher
+    from .config import RunnerConfig
+    from .images import ImageSettings
+
+# What one image may arrive as: the file's bytes, or base64 / a data: URI as text.
+ImageSource = Union[bytes, str]
+
+
+class Runner(Protocol):
+    """Every runner: its settings, its queue (the service attaches the metrics to it), /health's details."""
+
+    config: RunnerConfig
+    batcher: Batcher[Any, Any]
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Embedder(Runner, Protocol):
+    """What /v1/embeddings calls: vectors for texts, and the tokens the model read."""
+
+    async def embed_counted(
+        self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]: ...
+
+
+class TextEncoder(Embedder, Protocol):
+    """A text embedding model (BGE, Qwen3-Embedding): L2-normalized vectors in input order."""
+
+    async def embed(
+        self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
+    ) -> list[list[float]]: ...
+
+
+class ImageEncoder(Embedder, Protocol):
+    """An image-text model (SigLIP2): images and texts into one space, and its own match score."""
+
+    settings: ImageSettings
+    scale: float
+    bias: float
+
+    def check_image_count(self, count: int, param: str) -> None: ...
+
+    async def embed_images(self, sources: list[ImageSource], names: list[str] | None = None) -> list[list[float]]: ...
+
+    async def embed_texts(self, texts: list[str]) -> list[list[float]]: ...
+
+    async def similarity(
+        self, text: str, sources: list[ImageSource], names: list[str] | None = None
+    ) -> list[dict[str, float]]: ...
+
+
+class Ranker(Runner, Protocol):
+    """A reranker: P(relevant) of each document for a query."""
+
+    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> list[float]: ...
+
+    async def rank(
+        self, query: str, documents: list[str], instruction: str | None = None, top_k: int | None = None
+    ) -> list[tuple[int, float]]: ...

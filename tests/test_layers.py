@@ -1,0 +1,102 @@
+"""The tree's own rules: every side table covers every row of runners/table.py, settings are read per service,
+and the tests that start a server carry the `serve` marker."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from runners.errors import ModelLoadError
+from runners.table import KINDS, POOLING_NAMES, SERVICES
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_every_service_has_a_tiny_checkpoint_for_the_http_tests():
+    from tests.conftest import SERVICE_MODEL_FIXTURES
+
+    assert set(SERVICE_MODEL_FIXTURES) == set(SERVICES)
+
+
+def test_the_robustness_suite_has_endpoints_for_every_kind():
+    from tests.test_robustness_http import KIND_ENDPOINTS, SERVED
+
+    assert set(KIND_ENDPOINTS) == set(KINDS)
+    assert set(SERVED) == set(SERVICES)
+
+
+def test_compose_places_every_service_on_a_gpu():
+    from deploy.generate import COMPOSE_GPU
+
+    assert set(COMPOSE_GPU) == set(SERVICES)
+
+
+def test_service_py_has_one_module_level_class_per_row_and_a_base_per_kind():
+    import bentoml
+
+    import service
+
+    assert set(service.KIND_BASES) == set(KINDS)
+    served = {name for name, value in vars(service).items() if isinstance(value, bentoml.Service)}
+    assert served == {spec.class_name for spec in SERVICES.values()}
+    for spec in SERVICES.values():
+        assert getattr(service, spec.class_name).name == spec.seed_name
+
+
+def test_every_pooling_name_has_a_rule_and_every_default_is_one():
+    from runners.pooling import POOLINGS
+
+    assert set(POOLINGS) == set(POOLING_NAMES)
+    assert {spec.default_pooling for spec in SERVICES.values()} - {None} <= set(POOLING_NAMES)
+
+
+def test_a_malformed_setting_stops_only_its_own_service(bge_dir, monkeypatch):
+    """service.py reads no service's settings at import; each service's start-up check reads its own alone."""
+    import service
+
+    monkeypatch.setenv("SIGLIP2_EMBED_MAX_IMAGE_BYTES", "lots")
+    monkeypatch.setenv("BGE_EMBED_MODEL", str(bge_dir))
+    service.check_start_up(SERVICES["bge_embed"])  # not SigLIP2's business
+    with pytest.raises(ModelLoadError, match="SIGLIP2_EMBED_MAX_IMAGE_BYTES"):
+        service.check_start_up(SERVICES["siglip2_embed"])
+    monkeypatch.setenv("BGE_EMBED_MAX_REQUEST_MB", "1.5")
+    with pytest.raises(ModelLoadError, match="BGE_EMBED_MAX_REQUEST_MB"):
+        service.check_start_up(SERVICES["bge_embed"])
+
+
+# -- the `serve` marker -------------------------------------------------------------------------------
+
+# What starts a real server: the conftest helpers, or `bentoml serve` run directly.
+STARTS_A_SERVER = re.compile(r'\b(serve|serve_tiny)\(|"bentoml", "serve"')
+
+
+def marked_serve(decorators: list[ast.expr]) -> bool:
+    return any(ast.unparse(decorator) == "pytest.mark.serve" for decorator in decorators)
+
+
+def module_marked_serve(tree: ast.Module) -> bool:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", "") == "pytestmark" for target in node.targets):
+            return "pytest.mark.serve" in ast.unparse(node.value)
+    return False
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("test_*.py")), ids=lambda path: path.name)
+def test_every_test_that_starts_a_server_is_marked_serve(path):
+    tree = ast.parse(path.read_text())
+    if module_marked_serve(tree):
+        return
+    # Fixtures of this module that start a server, then the tests that call one or use such a fixture.
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    serving = {node.name for node in functions if STARTS_A_SERVER.search(ast.unparse(node))}
+    unmarked = [
+        node.name
+        for node in functions
+        if node.name.startswith("test_")
+        and (node.name in serving or {arg.arg for arg in node.args.args} & serving)
+        and not marked_serve(node.decorator_list)
+    ]
+    assert not unmarked, f"{path.name}: these start a server but are not marked serve: {unmarked}"
