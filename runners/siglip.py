@@ -24,7 +24,7 @@ import torch
 from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
-from .images import FORMAT_NAMES, ImageSettings, bytes_from_base64, open_image
+from .images import ImageSettings, accepted_formats, bytes_from_base64, open_image
 from .loading import (
     MAX_CHARS_PER_TOKEN,
     load_image_processor,
@@ -182,7 +182,7 @@ class SiglipEmbedder:
             "compiled": self.compiled,
             "scale": self.scale,
             "bias": self.bias,
-            "image_formats": FORMAT_NAMES.split(", "),
+            "image_formats": accepted_formats(),
             "max_image_bytes": limits.max_bytes,
             "max_image_pixels": limits.max_pixels,
             "max_images_per_request": self.settings.max_images_per_request,
@@ -254,9 +254,10 @@ class SiglipEmbedder:
         """bytes or base64 -> RGB picture -> the processor's tensors (resize, rescale, normalize)."""
         limits = self.settings.limits
         data = bytes_from_base64(source, limits, param) if isinstance(source, str) else source
-        image = open_image(data, limits, param)
-        if self.fixed_size is not None:  # rescale and normalize happen on the device, per batch
+        if self.fixed_size is not None:  # decoded no larger than needed; rescale and normalize on the device
+            image = open_image(data, limits, param, fit=(self.fixed_size.width, self.fixed_size.height))
             return PreparedImage({"pixel_values": self.fixed_size.resize(image)})
+        image = open_image(data, limits, param)
         inputs = self.image_processor(images=[image], return_tensors="pt")
         return PreparedImage({key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)})
 
