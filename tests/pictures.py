@@ -101,7 +101,7 @@ def rgb_array(image: Image.Image) -> np.ndarray:
 TWELVE_MP = (4032, 3024)  # what a phone's main camera writes
 
 
-def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+def photo_like(width: int, height: int, seed: int = 0, noise: float = 4.0) -> Image.Image:
     """Something a camera could have taken: a smooth sky-to-ground gradient with soft light, solid shapes
     with sharp edges (a sun, a house, a window, a fence), fine stripes and mild sensor noise. Not random
     noise, which no camera makes and which no downscaling path can keep. Drawn with Pillow's C code (a
@@ -126,8 +126,8 @@ def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     for left in np.arange(0.5, 0.95, 0.004 + 0.002 * rng.random()) * w:  # a fence: thin posts, sharp edges
         draw.line((left, 0.62 * h, left, 0.78 * h), fill=(235, 225, 200), width=max(1, w // 800))
-    noise = Image.effect_noise((width, height), 4.0)  # grey around 128: sensor noise
-    return ImageChops.add(picture, Image.merge("RGB", (noise, noise, noise)), scale=1.0, offset=-128)
+    grain = Image.effect_noise((width, height), noise)  # grey around 128: sensor noise
+    return ImageChops.add(picture, Image.merge("RGB", (grain, grain, grain)), scale=1.0, offset=-128)
 
 
 # -- ICC profiles ----------------------------------------------------------------------------------------
