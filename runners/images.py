@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
-from .config import int_setting
+from .config import int_setting, setting
 from .errors import InputError, ModelLoadError
 from .table import ServiceSpec
 
@@ -126,14 +126,22 @@ class ImageSettings:
     max_images_per_request: int
     max_batch_images: int  # images in one forward pass
     decode_threads: int
+    gpu_decode: str = "auto"  # JPEGs decoded on the GPU (runners/gpu_decode.py): auto | 1 | 0
 
     @classmethod
     def from_env(cls, spec: ServiceSpec) -> ImageSettings:
+        gpu_decode = (setting(spec, "GPU_DECODE", "auto") or "auto").lower()
+        gpu_decode = {"true": "1", "on": "1", "yes": "1", "false": "0", "off": "0", "no": "0"}.get(
+            gpu_decode
+        ) or gpu_decode
+        if gpu_decode not in ("auto", "1", "0"):
+            raise ModelLoadError(f"{spec.env_prefix}_GPU_DECODE={gpu_decode!r} is not one of auto, 1, 0")
         return cls(
             limits=ImageLimits.from_env(spec),
             max_images_per_request=int_setting(spec, "MAX_IMAGES_PER_REQUEST", 64),
             max_batch_images=int_setting(spec, "MAX_BATCH_IMAGES", 32),
             decode_threads=int_setting(spec, "DECODE_THREADS", usable_cpus()),
+            gpu_decode=gpu_decode,
         )
 
 

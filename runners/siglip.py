@@ -24,6 +24,7 @@ import torch
 from .batching import Batcher, plan_micro_batches, run_splitting_on_oom
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
+from .gpu_decode import GpuJpegDecoder
 from .images import ImageSettings, accepted_formats, bytes_from_base64, open_image
 from .loading import (
     MAX_CHARS_PER_TOKEN,
@@ -137,6 +138,7 @@ class SiglipEmbedder:
         self.tokenizer = load_tokenizer(files, self.config)
         self.image_processor = load_image_processor(files, self.config)
         self.fixed_size = FixedSizePixels.from_processor(self.image_processor)
+        self.gpu_jpeg = GpuJpegDecoder.for_service(self.settings, self.device, self.fixed_size)
         self.model = load_pretrained(AutoModel, files, self.config, self.device, self.dtype)
         for needed in ("get_image_features", "get_text_features", "logit_scale", "logit_bias"):
             if not hasattr(self.model, needed):
@@ -183,6 +185,7 @@ class SiglipEmbedder:
             "scale": self.scale,
             "bias": self.bias,
             "image_formats": accepted_formats(),
+            "gpu_decode": self.gpu_jpeg is not None,
             "max_image_bytes": limits.max_bytes,
             "max_image_pixels": limits.max_pixels,
             "max_images_per_request": self.settings.max_images_per_request,
@@ -238,6 +241,9 @@ class SiglipEmbedder:
         """Decode and preprocess in the decode threads; the first bad image (by position) fails the request."""
         loop = asyncio.get_running_loop()
         names = names or [f"images[{index}]" for index in range(len(sources))]
+        if self.gpu_jpeg is not None:  # JPEGs on the GPU in one batch, the rest through prepare_image
+            done = await self.gpu_jpeg.prepare(sources, names, self._decoders, self.prepare_image)
+            return [item if isinstance(item, PreparedImage) else PreparedImage({"pixel_values": item}) for item in done]
         results = await asyncio.gather(
             *(
                 loop.run_in_executor(self._decoders, self.prepare_image, source, name)
