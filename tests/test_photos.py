@@ -35,6 +35,7 @@ from runners.errors import InputError, ModelLoadError
 from runners.images import ORIENTATION, ImageLimits, accepted_formats, open_image, to_srgb, usable_cpus
 
 LIMITS = ImageLimits(max_bytes=32_000_000, max_pixels=20_000_000)
+assert images.heif_plugin_error() is None  # registers pillow-heif, whose writer the tests use too
 FAST_HEIC = {"quality": 60, "enc_params": {"preset": "ultrafast"}}  # x265's slowest presets take minutes per photo
 FAST_AVIF = {"quality": 60, "speed": 10}
 
@@ -268,23 +269,11 @@ MODEL_SIZE = 512  # what siglip2-*-patch16-512 takes: the comparison needs the r
 
 @pytest.fixture(scope="module")
 def siglip512(tmp_path_factory):
-    """A tiny random SiglipModel with the real checkpoints' image side: 512 x 512 in 16 x 16 patches, and
-    their processor (bilinear resize to 512 x 512, rescale, normalize)."""
-    import torch
-    from conftest import build_siglip2_tokenizer
-    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+    """The tiny random SigLIP with the real checkpoints' image side: 512 x 512 in 16 x 16 patches, and their
+    processor (bilinear resize to 512 x 512, rescale, normalize)."""
+    from conftest import save_tiny_siglip
 
-    directory = tmp_path_factory.mktemp("siglip512")
-    build_siglip2_tokenizer(directory)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=len(AutoTokenizer.from_pretrained(str(directory))), **tower),
-        vision_config=dict(image_size=MODEL_SIZE, patch_size=16, **tower),
-    )
-    torch.manual_seed(11)
-    SiglipModel(config).save_pretrained(str(directory))
-    SiglipImageProcessor(size={"height": MODEL_SIZE, "width": MODEL_SIZE}).save_pretrained(str(directory))
-    return directory
+    return save_tiny_siglip(tmp_path_factory.mktemp("siglip512"), seed=11, image_size=MODEL_SIZE)
 
 
 @pytest.fixture(scope="module")
