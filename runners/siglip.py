@@ -334,7 +334,8 @@ class SiglipEmbedder:
         """The vision tower's inputs for a batch of prepared images, on the device."""
         inputs = {}
         for key in images[0].inputs:
-            stacked = torch.cat([image.inputs[key] for image in images]).to(self.device)
+            # GPU-decoded pixels are on the device already, the CPU path's not: move each, then join.
+            stacked = torch.cat([image.inputs[key].to(self.device) for image in images])
             if key == "pixel_values" and stacked.dtype == torch.uint8:
                 assert self.fixed_size is not None
                 stacked = self.fixed_size.normalize(stacked)
