@@ -6,6 +6,10 @@ The weights are random, the shapes are google/siglip2-so400m-patch16-512's visio
 tower is cut to two layers and a tiny vocabulary: it is not what this measures). Images are real
 640x480 JPEG files, decoded, EXIF-transposed and resized by the service's own code in its decode
 threads, then embedded in shared batches: images/s is the end-to-end rate of `embed_images`.
+
+Then 12-MP photos (4032x3024 JPEGs, tests/pictures.py's photo_like, EXIF-rotated), end to end with
+the box's CPU cores as decode threads, decoded on the CPU (GPU_DECODE=0) and with nvJPEG (GPU_DECODE=1,
+needs torchvision), next to the vision tower alone: the issue-11 target is >= 90% of the tower's rate.
 """
 
 from __future__ import annotations
@@ -81,11 +85,78 @@ def jpeg_files(count: int) -> list[bytes]:
     return files
 
 
+def photo_files(count: int) -> list[bytes]:
+    from PIL import Image
+
+    from tests.pictures import TWELVE_MP, encode, photo_like
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return [
+        encode(
+            photo_like(*TWELVE_MP, seed=index).transpose(Image.Transpose.ROTATE_90),
+            "JPEG",
+            quality=90,
+            exif=exif.tobytes(),
+        )
+        for index in range(count)
+    ]
+
+
+def measure_photos(directory: Path, spec, requests: int) -> list[dict]:
+    """12-MP JPEGs end to end, decoded on the CPU and then on the GPU (only on CUDA)."""
+    from runners.siglip import SiglipEmbedder
+
+    files = photo_files(16)
+    rows = []
+    for gpu_decode in ("0", "1") if DEVICE == "cuda" else ("0",):
+        os.environ.update(
+            {
+                spec.model_env: str(directory),
+                "EMBED_DEVICE": DEVICE,
+                "SIGLIP2_EMBED_MAX_BATCH_IMAGES": "64",
+                "SIGLIP2_EMBED_MAX_IMAGES_PER_REQUEST": "64",
+                spec.quantization_env: "none",
+                "SIGLIP2_EMBED_GPU_DECODE": gpu_decode,
+            }
+        )
+        os.environ.pop("SIGLIP2_EMBED_DECODE_THREADS", None)  # the default: every usable core
+        embedder = SiglipEmbedder(spec, RunnerConfig.from_env(spec))
+
+        async def load(embedder: SiglipEmbedder, count: int) -> None:
+            semaphore = asyncio.Semaphore(4)
+
+            async def one() -> None:
+                async with semaphore:
+                    await embedder.embed_images(files * 4)  # 64-image requests
+
+            await asyncio.gather(*(one() for _ in range(count)))
+
+        asyncio.run(load(embedder, 1))  # warm-up
+        sync()
+        start = time.perf_counter()
+        asyncio.run(load(embedder, requests))
+        sync()
+        rate = requests * 64 / (time.perf_counter() - start)
+        rows.append(
+            {
+                "variant": f"12-MP JPEGs end to end, {'GPU (nvJPEG)' if gpu_decode == '1' else 'CPU'} decode",
+                "images_per_s": rate,
+                "decode_threads": embedder.settings.decode_threads,
+                "gpu_decode": embedder.gpu_jpeg is not None,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        embedder.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--out", default="siglip_results.json")
     parser.add_argument("--smoke", action="store_true", help="a tiny vision tower: check the script itself")
+    parser.add_argument("--photo-requests", type=int, default=8, help="64-image requests of 12-MP JPEGs; 0: skip")
     args = parser.parse_args()
     from runners.siglip import SiglipEmbedder
 
@@ -152,6 +223,8 @@ def main() -> None:
         )
         print(json.dumps(results[-1]), flush=True)
         embedder.close()
+    if args.photo_requests:
+        results += measure_photos(directory, spec, args.photo_requests)
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
     Path(args.out).write_text(json.dumps({"gpu": gpu, "results": results}, indent=1))
 

@@ -1,35 +1,93 @@
-"""Turning the bytes people send into an RGB picture, or a clear InputError.
+"""Turning the bytes people send into an upright sRGB picture, or a clear InputError.
 
-Photos come as JPEG (often MPO from phones), PNG, WebP, GIF, BMP or TIFF; with an EXIF orientation
-tag; with transparency; in CMYK or 16-bit grey. Every one of them leaves here as an upright RGB
-image, or as an InputError that says what is wrong. The pixel count is checked from the header,
+Photos come as JPEG (often MPO from phones), HEIC/HEIF (iPhones), AVIF, PNG, WebP, GIF, BMP or TIFF; with
+an EXIF orientation tag or a rotation in the HEIF container; with an ICC colour profile (Display P3,
+Adobe RGB); with transparency; in CMYK or 16-bit grey. Every one of them leaves here as an upright RGB
+image in sRGB, or as an InputError that says what is wrong. The pixel count is checked from the header,
 before anything is decoded, so a small file that unpacks to gigabytes is refused cheaply.
+
+When the caller says what size the model takes (`fit`), only what is needed is decoded: a JPEG at the
+smallest DCT scale still at least that size (Image.draft), anything else reduced by whole pixel blocks to
+no less than it; the model's own resampling then makes the last step.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
-from .config import int_setting
-from .errors import InputError
+from .config import int_setting, setting
+from .errors import InputError, ModelLoadError
 from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
 
-# Pillow's JPEG opener also takes the MPO files many phones write (a JPEG with extra preview frames).
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF"
+# The one list of what is accepted: Pillow's format id -> the name people and /health see. Pillow's JPEG
+# opener also takes the MPO files many phones write (a JPEG with extra preview frames); AVIF is Pillow's own
+# (built into its wheels since 11.3); HEIF is pillow-heif's opener (libheif), registered by heif_plugin_error().
+IMAGE_FORMATS = {
+    "JPEG": "JPEG",
+    "HEIF": "HEIC",
+    "AVIF": "AVIF",
+    "PNG": "PNG",
+    "WEBP": "WebP",
+    "GIF": "GIF",
+    "BMP": "BMP",
+    "TIFF": "TIFF",
+}
+# The ISO base media brands a HEIC/HEIF file declares in its leading `ftyp` box (AVIF's avif/avis go to Pillow).
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 # Where transparent pixels end up: white, the way a viewer shows a transparent PNG on a page.
 BACKGROUND = (255, 255, 255)
+ORIENTATION = 0x0112  # the EXIF tag
+REDUCING_GAP = 2
+# EXIF orientation -> the turn that shows the picture upright (the same table as ImageOps.exif_transpose).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_")
+
+
+@functools.cache
+def heif_plugin_error() -> str | None:
+    """Register pillow-heif's HEIF opener once; None when it works, else why not."""
+    try:
+        import pillow_heif
+
+        # Only the primary image is ever shown: skip reading thumbnails, depth maps and auxiliary images.
+        pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    except Exception as exc:  # ImportError, or a libheif that fails to load
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def accepted_formats() -> list[str]:
+    """The formats this process opens (what /health reports): all of IMAGE_FORMATS once HEIF has loaded."""
+    heif_missing = heif_plugin_error() is not None
+    return [name for pillow, name in IMAGE_FORMATS.items() if not (heif_missing and pillow == "HEIF")]
+
+
+def _pillow_formats() -> tuple[str, ...]:
+    heif_missing = heif_plugin_error() is not None
+    return tuple(pillow for pillow in IMAGE_FORMATS if not (heif_missing and pillow == "HEIF"))
+
+
+def _looks_like_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and (data[8:12] in _HEIF_BRANDS or any(b in data[16:64] for b in _HEIF_BRANDS))
 
 
 @dataclass(frozen=True)
@@ -54,6 +112,9 @@ class ImageLimits:
         """
         Image.MAX_IMAGE_PIXELS = self.max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files are errors, never half-grey pictures
+        error = heif_plugin_error()
+        if error is not None:  # HEIC is every iPhone's default: an image service without it is broken
+            raise ModelLoadError(f"the HEIC/HEIF decoder (pillow-heif) could not be loaded ({error})")
 
 
 @dataclass(frozen=True)
@@ -65,15 +126,32 @@ class ImageSettings:
     max_images_per_request: int
     max_batch_images: int  # images in one forward pass
     decode_threads: int
+    gpu_decode: str = "auto"  # JPEGs decoded on the GPU (runners/gpu_decode.py): auto | 1 | 0
 
     @classmethod
     def from_env(cls, spec: ServiceSpec) -> ImageSettings:
+        gpu_decode = (setting(spec, "GPU_DECODE", "auto") or "auto").lower()
+        gpu_decode = {"true": "1", "on": "1", "yes": "1", "false": "0", "off": "0", "no": "0"}.get(
+            gpu_decode
+        ) or gpu_decode
+        if gpu_decode not in ("auto", "1", "0"):
+            raise ModelLoadError(f"{spec.env_prefix}_GPU_DECODE={gpu_decode!r} is not one of auto, 1, 0")
         return cls(
             limits=ImageLimits.from_env(spec),
             max_images_per_request=int_setting(spec, "MAX_IMAGES_PER_REQUEST", 64),
             max_batch_images=int_setting(spec, "MAX_BATCH_IMAGES", 32),
-            decode_threads=int_setting(spec, "DECODE_THREADS", min(8, os.cpu_count() or 1)),
+            decode_threads=int_setting(spec, "DECODE_THREADS", usable_cpus()),
+            gpu_decode=gpu_decode,
         )
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity, as a container's cpuset limits it): decoding is the
+    CPU-bound step in front of the model, and Pillow releases the GIL while it decodes, so every core helps."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def bytes_from_base64(text: str, limits: ImageLimits, param: str) -> bytes:
@@ -109,8 +187,8 @@ def bytes_from_base64(text: str, limits: ImageLimits, param: str) -> bytes:
         raise InputError(f"`{param}` is not valid base64: {exc}", param=param) from None
 
 
-def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
-    """Decode one image to an upright RGB picture, refusing what is too big, broken or not an image."""
+def open_header(data: bytes, limits: ImageLimits, param: str) -> ImageFile.ImageFile:
+    """Read the header only, refusing what is too big, not an image, or in no accepted format."""
     if not data:
         raise InputError(f"`{param}` is empty", param=param)
     if len(data) > limits.max_bytes:
@@ -119,11 +197,17 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
         )
     try:
         # Lazy: reads the header only. The pixel data is decoded by load(), after the size check.
-        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=_pillow_formats())
     except UnidentifiedImageError:
+        if _looks_like_heif(data) and heif_plugin_error() is not None:
+            raise InputError(
+                f"`{param}` is a HEIC/HEIF image, and this server's HEIF decoder is not available "
+                f"({heif_plugin_error()}); send JPEG, PNG or another of: {', '.join(accepted_formats())}",
+                status=415,
+                param=param,
+            ) from None
         raise InputError(
-            f"`{param}` is not an image in a supported format ({FORMAT_NAMES})",
-            param=param,
+            f"`{param}` is not an image in a supported format ({', '.join(accepted_formats())})", param=param
         ) from None
     except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
         raise _too_many_pixels(param, f"Pillow's decompression-bomb guard: {exc}", limits) from None
@@ -132,6 +216,31 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
     width, height = image.size
     if width * height > limits.max_pixels:
         raise _too_many_pixels(param, f"{width}x{height} = {width * height} pixels", limits)
+    return image
+
+
+def orientation(image: Image.Image, param: str) -> int:
+    """The EXIF orientation (1..8; 1 = as stored). HEIF's own rotation is applied by libheif while decoding,
+    and pillow-heif then sets the EXIF tag to 1; AVIF's is turned into the tag by Pillow: each applies once."""
+    try:
+        value = int(image.getexif().get(ORIENTATION, 1))
+    except Exception as exc:  # a malformed EXIF block: the pixels are still fine, show them as stored
+        log.warning("%s: ignoring unreadable EXIF orientation (%s)", param, exc)
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def open_image(data: bytes, limits: ImageLimits, param: str, fit: tuple[int, int] | None = None) -> Image.Image:
+    """Decode one image to an upright sRGB RGB picture, refusing what is too big, broken or not an image.
+
+    `fit` (width, height), the size the model takes: decode no more than needed to resize to it well (the
+    result is still at least that size in both directions, or the full picture when that is smaller)."""
+    image = open_header(data, limits, param)
+    is_jpeg = image.format in ("JPEG", "MPO")
+    # A JPEG's EXIF sits in its header; a PNG's may follow the pixels, and reading it there decodes them.
+    stored_fit = _stored_size(fit, orientation(image, param) if is_jpeg else 1)
+    if stored_fit is not None and is_jpeg:
+        image.draft(None, stored_fit)  # DCT scaling: 1/2, 1/4 or 1/8, never below stored_fit
     try:
         image.load()  # the first frame of an animated GIF / WebP / PNG, the first page of a TIFF
     except Image.DecompressionBombError as exc:
@@ -141,11 +250,24 @@ def open_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
             f"`{param}` is a {image.format} image that could not be decoded (corrupt or truncated): {exc}",
             param=param,
         ) from None
-    try:
-        ImageOps.exif_transpose(image, in_place=True)
-    except Exception as exc:  # a malformed EXIF block: the pixels are still fine, show them as stored
-        log.warning("%s: ignoring unreadable EXIF orientation (%s)", param, exc)
-    return to_rgb(image, param)
+    turn = orientation(image, param)
+    stored_fit = _stored_size(fit, turn)
+    icc = image.info.get("icc_profile")
+    picture = to_rgb(image, param)
+    if stored_fit is not None:
+        # Whole blocks of pixels averaged, cheap, leaving at least twice the size for the final resize to
+        # blend (Pillow's reducing_gap=2): a box average to the last pixel aliases thin lines.
+        factor = min(picture.width // (REDUCING_GAP * stored_fit[0]), picture.height // (REDUCING_GAP * stored_fit[1]))
+        if factor >= 2:
+            picture = picture.reduce(factor)
+    if turn in UPRIGHT:
+        picture = picture.transpose(UPRIGHT[turn])
+    return to_srgb(picture, icc, param)
+
+
+def _stored_size(fit: tuple[int, int] | None, turn: int) -> tuple[int, int] | None:
+    """The upright size `fit` as the file stores it: orientations 5..8 turn it by 90 degrees."""
+    return None if fit is None else (fit[1], fit[0]) if turn in (5, 6, 7, 8) else fit
 
 
 def _too_many_pixels(param: str, found: str, limits: ImageLimits) -> InputError:
@@ -189,3 +311,44 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
         full_scale = 1.0 if values.size and float(values.max()) <= 1.0 else 255.0
     grey = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
     return Image.fromarray(grey).convert("RGB")
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@functools.lru_cache(maxsize=64)
+def _srgb_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
+    """The RGB -> sRGB transform of one embedded profile, built once per distinct profile (building costs
+    more than applying to a model-sized picture). None when the profile is sRGB already, is not an RGB
+    profile, or cannot be read."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space.strip() != "RGB":
+            return None  # a grey or CMYK profile describes the pixels before to_rgb: nothing to apply now
+        transform = ImageCms.buildTransform(profile, _srgb_profile(), "RGB", "RGB")
+    except Exception as exc:  # a broken profile: the pixels are still fine, take them as sRGB
+        log.warning("ignoring an unreadable ICC profile (%s)", exc)
+        return None
+    # Many cameras and editors embed an sRGB profile: skip the work when this one changes nothing.
+    probe = Image.fromarray(_PROBE_COLOURS)
+    moved = np.abs(np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16) - _PROBE_COLOURS).max()
+    return transform if moved > 1 else None
+
+
+# Every 15th level of each channel (18**3 colours): enough to tell an sRGB-equivalent profile from another.
+_LEVELS = np.arange(0, 256, 15, dtype=np.uint8)
+_PROBE_COLOURS = np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), axis=-1).reshape(1, -1, 3)
+
+
+def to_srgb(image: Image.Image, icc: bytes | None, param: str = "image") -> Image.Image:
+    """An RGB picture with its embedded ICC profile -> the same colours in sRGB; no profile means sRGB."""
+    transform = _srgb_transform(bytes(icc)) if icc else None
+    if transform is None:
+        return image
+    try:
+        return ImageCms.applyTransform(image, transform)
+    except Exception as exc:  # lcms refusing this picture: show it as stored rather than fail the request
+        log.warning("%s: could not apply its ICC profile (%s)", param, exc)
+        return image

@@ -25,7 +25,8 @@ from .batching import Batcher, plan_micro_batches, run_in_order, runner_batcher
 from .config import RunnerConfig
 from .contract import ImageSource
 from .errors import InputError, ModelLoadError
-from .images import FORMAT_NAMES, ImageSettings, bytes_from_base64, open_image
+from .gpu_decode import GpuJpegDecoder
+from .images import ImageSettings, accepted_formats, bytes_from_base64, open_image
 from .loading import MAX_CHARS_PER_TOKEN, load_image_processor, prepare_model
 from .pooling import check_dimensions
 from .table import ServiceSpec
@@ -124,6 +125,7 @@ class SiglipEmbedder:
         self.device, self.dtype, self.tokenizer = parts.device, parts.dtype, parts.tokenizer
         self.image_processor = load_image_processor(parts.files, self.config)
         self.fixed_size = FixedSizePixels.from_processor(self.image_processor)
+        self.gpu_jpeg = GpuJpegDecoder.for_service(self.settings, self.device, self.fixed_size)
         self.model = parts.load_model(self.config)
         for needed in ("get_image_features", "get_text_features", "logit_scale", "logit_bias"):
             if not hasattr(self.model, needed):
@@ -164,7 +166,8 @@ class SiglipEmbedder:
             "compiled": self.compiled,
             "scale": self.scale,
             "bias": self.bias,
-            "image_formats": FORMAT_NAMES.split(", "),
+            "image_formats": accepted_formats(),
+            "gpu_decode": self.gpu_jpeg is not None,
             "max_image_bytes": limits.max_bytes,
             "max_image_pixels": limits.max_pixels,
             "max_images_per_request": self.settings.max_images_per_request,
@@ -220,6 +223,9 @@ class SiglipEmbedder:
         """Decode and preprocess in the decode threads; the first bad image (by position) fails the request."""
         loop = asyncio.get_running_loop()
         names = names or [f"images[{index}]" for index in range(len(sources))]
+        if self.gpu_jpeg is not None:  # JPEGs on the GPU in one batch, the rest through prepare_image
+            done = await self.gpu_jpeg.prepare(sources, names, self._decoders, self.prepare_image)
+            return [item if isinstance(item, PreparedImage) else PreparedImage({"pixel_values": item}) for item in done]
         results = await asyncio.gather(
             *(
                 loop.run_in_executor(self._decoders, self.prepare_image, source, name)
@@ -236,9 +242,10 @@ class SiglipEmbedder:
         """bytes or base64 -> RGB picture -> the processor's tensors (resize, rescale, normalize)."""
         limits = self.settings.limits
         data = bytes_from_base64(source, limits, param) if isinstance(source, str) else source
-        image = open_image(data, limits, param)
-        if self.fixed_size is not None:  # rescale and normalize happen on the device, per batch
+        if self.fixed_size is not None:  # decoded no larger than needed; rescale and normalize on the device
+            image = open_image(data, limits, param, fit=(self.fixed_size.width, self.fixed_size.height))
             return PreparedImage({"pixel_values": self.fixed_size.resize(image)})
+        image = open_image(data, limits, param)
         inputs = self.image_processor(images=[image], return_tensors="pt")
         return PreparedImage({key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)})
 
@@ -311,7 +318,8 @@ class SiglipEmbedder:
         """The vision tower's inputs for a batch of prepared images, on the device."""
         inputs = {}
         for key in images[0].inputs:
-            stacked = torch.cat([image.inputs[key] for image in images]).to(self.device)
+            # GPU-decoded pixels are on the device already, the CPU path's not: move each, then join.
+            stacked = torch.cat([image.inputs[key].to(self.device) for image in images])
             if key == "pixel_values" and stacked.dtype == torch.uint8:
                 assert self.fixed_size is not None
                 stacked = self.fixed_size.normalize(stacked)

@@ -302,9 +302,12 @@ def build_siglip2_tokenizer(directory: Path, *, padding_side: str = "right") -> 
 SIGLIP_IMAGE_SIZE = 32
 
 
-def save_tiny_siglip(directory: Path, *, seed: int = 3, padding_side: str = "right") -> Path:
+def save_tiny_siglip(
+    directory: Path, *, seed: int = 3, padding_side: str = "right", image_size: int = SIGLIP_IMAGE_SIZE
+) -> Path:
     """SiglipModel (the fixed-resolution SigLIP2 architecture) with random weights, 32x32 images in 8x8
-    patches, 64 text positions, and a logit scale and bias that are not the zero they are initialised to."""
+    patches (or image_size in 16x16 patches, as the real 512 checkpoints), 64 text positions, and a logit
+    scale and bias that are not the zero they are initialised to."""
     from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
 
     build_siglip2_tokenizer(directory, padding_side=padding_side)
@@ -314,7 +317,7 @@ def save_tiny_siglip(directory: Path, *, seed: int = 3, padding_side: str = "rig
         text_config=dict(
             vocab_size=vocab, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2, **tower
         ),
-        vision_config=dict(image_size=SIGLIP_IMAGE_SIZE, patch_size=8, **tower),
+        vision_config=dict(image_size=image_size, patch_size=8 if image_size == SIGLIP_IMAGE_SIZE else 16, **tower),
     )
     torch.manual_seed(seed)
     model = SiglipModel(config)
@@ -323,7 +326,7 @@ def save_tiny_siglip(directory: Path, *, seed: int = 3, padding_side: str = "rig
         model.logit_bias.fill_(-1.5)
     model.save_pretrained(str(directory))
     # The real checkpoints' processor: resize to the model's size (bilinear), rescale, normalize with mean=std=0.5.
-    SiglipImageProcessor(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}).save_pretrained(str(directory))
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(str(directory))
     return directory
 
 
