@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from embed_http import protocols
+from embed_http import clients, protocols
 from embed_http.io import (
     FORM_TYPES,
     JSON_MEDIA_TYPES,
@@ -276,6 +276,8 @@ def build_service(spec: ServiceSpec) -> t.Any:
         if not issubclass(api.input_spec, FormOrJSON):
             api.input_spec.model_config["extra"] = "forbid"
             api.input_spec.model_rebuild(force=True)
+    # Outermost: a deadline for slow request bodies, and a disconnect cancels the request (embed_http/clients.py).
+    svc.add_asgi_middleware(clients.VanishingClients)
     # The APIs that take JSON alone, up to MAX_REQUEST_MB; the image APIs take forms too, up to what the
     # allowed images need.
     json_routes = frozenset(
@@ -300,6 +302,10 @@ def build_service(spec: ServiceSpec) -> t.Any:
 
 # Before the server builds its middleware (which takes the tracer provider once): see its docstring.
 record_spans_only_when_exported()
+# Before the worker starts uvicorn: a deadline for request headers (embed_http/clients.py); a bad
+# EMBED_READ_TIMEOUT is refused here, at start-up.
+clients.read_timeout()
+clients.install_header_deadline()
 
 # Module-level names, so that `bentoml serve service:<Class>` finds them.
 Siglip2Embed = build_service(SERVICES["siglip2_embed"])
