@@ -139,8 +139,12 @@ class VanishingClients:
                 state["late"] = state["body_done"] = True
                 return {"type": "http.disconnect"}
             if message["type"] == "http.disconnect":
-                state["body_done"] = True
+                # Gone before its body was read: nothing to answer (BentoML would log a 500 for nobody).
+                state["body_done"] = state["gone"] = True
                 disconnected.set()
+                if handler is not None:
+                    handler.cancel()
+                    await asyncio.sleep(0)  # the cancellation lands here
             elif not message.get("more_body", False):
                 state["body_done"] = True
                 watcher = loop.create_task(watch())

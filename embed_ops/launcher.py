@@ -457,7 +457,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     plan.add_argument("services", nargs="*")
 
     wait = commands.add_parser("wait", help="wait for /health, report failures, print the table")
-    wait.add_argument("--log-dir", type=Path, required=True)
     wait.add_argument("--timeout", type=float, default=1800)
     wait.add_argument("services", nargs="+")
 
@@ -469,18 +468,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     stop.add_argument("services", nargs="*")
 
     supervise = commands.add_parser("supervise", help="run one service, restarting it when it dies")
-    supervise.add_argument("--log-dir", type=Path, required=True)
     supervise.add_argument("--port", type=int, required=True)
     supervise.add_argument("service", choices=list(SERVICES))
     supervise.add_argument("target", help="service:<class>, what `bentoml serve` serves")
 
     watch = commands.add_parser("watch", help="report deaths, restarts and give-ups until no service is left")
-    watch.add_argument("--log-dir", type=Path, required=True)
     watch.add_argument("--poll", type=float, default=1.0)
     watch.add_argument("services", nargs="+")
 
     for sub in (plan, wait, status, stop, supervise, watch):
         sub.add_argument("--run-dir", type=Path, required=True)
+    for sub in (wait, supervise, watch):
+        sub.add_argument("--log-dir", type=Path, required=True)
 
     words = list(argv) if argv is not None else sys.argv[1:]
     # After `--`: the command `supervise` runs instead of `bentoml serve` (a stand-in service, in tests).

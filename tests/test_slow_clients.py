@@ -147,18 +147,18 @@ def test_a_thousand_connections_at_once_get_an_answer_or_a_clear_503(served):
 
 
 def test_a_short_soak_keeps_files_threads_and_memory_flat(served):
-    """Five phases of 400 mixed requests (bench/soak.py's mix: all lengths, batches, bad inputs, cancelled
+    """Five phases of 150 mixed requests (bench/soak.py's mix: all lengths, batches, bad inputs, cancelled
     clients); every answer is the right one, and after the first phase (the warm-up) nothing grows."""
     root = served.process.pid
-    phases = soak.soak(served.url, 5, 400, 8, 0, lambda: soak.server_pids(root))
+    phases = soak.soak(served.url, 5, 150, 8, 0, lambda: soak.server_pids(root))
     assert [p.unexpected for p in phases] == [[]] * 5
     warm = phases[0]
     for phase in phases[1:]:
         assert phase.fds <= warm.fds + 8, [p.fds for p in phases]
         assert phase.threads <= warm.threads + 4, [p.threads for p in phases]
-    # Memory: allocator noise, not a leak, may move RSS a little; a per-request leak over 1600 requests would not.
+    # Memory: allocator noise, not a leak, may move RSS a little; a leak of a request's texts or vectors would not.
     assert phases[-1].rss_mib - phases[1].rss_mib < 64, [round(p.rss_mib) for p in phases]
-    assert sum(p.statuses["cancelled"] for p in phases) > 50
+    assert sum(p.statuses["cancelled"] for p in phases) > 20
 
 
 def test_sigterm_during_a_burst_answers_every_request_and_refuses_new_connections(served):
