@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 from typing import Any
 
 import h11
@@ -97,6 +98,38 @@ def install_header_deadline() -> None:
     from uvicorn import config
 
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:HeaderDeadlineH11Protocol"
+
+
+def _stop_listening(fd: int) -> None:
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.shutdown(socket.SHUT_RD)  # on a listening socket (Linux): stop listening; new connections refused
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def install_refuse_on_shutdown() -> None:
+    """On SIGTERM, refuse new connections at once while the requests in flight finish.
+
+    BentoML's arbiter holds the listening socket too, so uvicorn's own shutdown (closing the worker's copy) left
+    new connections accepted by the kernel into the backlog, never served, and reset when the server exited.
+    shutdown() acts on the socket itself, whichever process holds it. (Each service runs one worker.)"""
+    from uvicorn.server import Server
+
+    original = Server.shutdown
+    if getattr(original, "refuses_first", False):
+        return
+
+    async def shutdown(self: Server, sockets: list[socket.socket] | None = None) -> None:
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                _stop_listening(sock.fileno())
+        await original(self, sockets)
+
+    shutdown.refuses_first = True  # type: ignore[attr-defined]
+    Server.shutdown = shutdown  # type: ignore[method-assign]
 
 
 class VanishingClients:
