@@ -154,12 +154,13 @@ class VanishingClients:
         async def watch() -> None:
             # Once the body is read, the next message uvicorn has is http.disconnect: the client left, or the
             # response is complete.
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-                if not state["done"] and handler is not None:
-                    state["gone"] = True
-                    handler.cancel()
+            # uvicorn may first hand out an empty body chunk left signalled from the body's end: skip it.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+            if not state["done"] and handler is not None:
+                state["gone"] = True
+                handler.cancel()
 
         async def app_receive() -> dict[str, Any]:
             nonlocal watcher
