@@ -48,6 +48,9 @@ def read_all(sock: socket.socket, limit: float) -> tuple[bytes, bool]:
         while chunk := sock.recv(65536):
             data += chunk
         return data, True
+    except ConnectionResetError:
+        # The server closed with the client's last dripped bytes unread: a reset, which can overtake the 408.
+        return data, True
     except TimeoutError:
         return data, False
 
@@ -90,8 +93,9 @@ def test_a_slowloris_client_blocks_nobody_holds_no_model_slot_and_is_cut_off(ser
             stop.set()
             dripping.join()
     assert closed, "the slow client was never cut off"
-    assert data.startswith(b"HTTP/1.1 408 "), data[:200]
-    assert b"EMBED_READ_TIMEOUT" in data
+    if part == "headers" or data:
+        assert data.startswith(b"HTTP/1.1 408 "), data[:200]
+        assert b"EMBED_READ_TIMEOUT" in data
     # The slow request never reached the model: only the three quick texts were embedded.
     assert texts_embedded(served) - before == 3
     assert served.get("/health").status_code == 200
