@@ -204,7 +204,9 @@ def start_demo_service(log_dir: Path) -> tuple[subprocess.Popen, str]:
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service:BgeEmbed", "--port", str(port), "--host", "127.0.0.1"]
     with open(log_dir / "soak-server.log", "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     print("the service did not stop within 60 s of SIGTERM; killed", flush=True)
-                    process.kill()
+                    os.killpg(process.pid, signal.SIGKILL)  # its worker too, not only `bentoml serve`
     if args.json:
         args.json.write_text(json.dumps([{**vars(p), "statuses": dict(p.statuses)} for p in results], default=str))
     return 1 if any(p.unexpected for p in results) else 0
