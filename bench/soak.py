@@ -16,6 +16,7 @@ tests/test_slow_clients.py runs a short version and checks that the figures stay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -204,9 +205,7 @@ def start_demo_service(log_dir: Path) -> tuple[subprocess.Popen, str]:
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service:BgeEmbed", "--port", str(port), "--host", "127.0.0.1"]
     with open(log_dir / "soak-server.log", "wb") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -280,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     print("the service did not stop within 60 s of SIGTERM; killed", flush=True)
-                    os.killpg(process.pid, signal.SIGKILL)  # its worker too, not only `bentoml serve`
+                    for pid in server_pids(process.pid):  # its worker too (a process group of its own)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
     if args.json:
         args.json.write_text(json.dumps([{**vars(p), "statuses": dict(p.statuses)} for p in results], default=str))
     return 1 if any(p.unexpected for p in results) else 0
