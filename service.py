@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from embed_http import protocols
+from embed_http import clients, protocols
 from embed_http.errors import json_errors
 from embed_http.forms import (
     FORM_TYPES,
@@ -342,6 +342,11 @@ def check_start_up(spec: ServiceSpec) -> None:
 
 # Before the server builds its middleware (which takes the tracer provider once): see its docstring.
 record_spans_only_when_exported()
+# Before the worker starts uvicorn: a deadline for request headers, and new connections refused from the
+# moment a SIGTERM arrives (embed_http/clients.py); a bad EMBED_READ_TIMEOUT is refused here, at start-up.
+clients.read_timeout()
+clients.install_header_deadline()
+clients.install_refuse_on_shutdown()
 
 # Module-level names, so that `bentoml serve service:<Class>` finds them.
 Siglip2Embed = build_service(SERVICES["siglip2_embed"])

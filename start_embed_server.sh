@@ -8,8 +8,9 @@
 #   ./start_embed_server.sh status | stop [NAME...]
 #
 # Services, ports, classes, profiles and the memory estimate come from runners/ through
-# `python -m embed_ops.launcher`; this script only starts `bentoml serve` processes. Ctrl-C stops
-# the services this run started, and nothing else.
+# `python -m embed_ops.launcher`; this script only starts one supervisor per service, which runs
+# `bentoml serve` and restarts it when it dies (embed_ops/supervisor.py). Ctrl-C stops the services
+# this run started, and nothing else.
 set -uo pipefail
 
 REPO="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
@@ -62,12 +63,13 @@ mkdir -p "$LOG_DIR" "$RUN_DIR"
 plan="$(launcher plan --run-dir "$RUN_DIR" ${profile:+--profile "$profile"} "${names[@]}")" || exit $?
 
 started=()          # what this run started: the only services Ctrl-C stops
-declare -A pid_of=()
 waiting=()
 refused=0
 
+watcher=""
 stop_started() {
     trap - INT TERM
+    [[ -n "$watcher" ]] && kill "$watcher" 2>/dev/null
     local name running=()
     for name in "${started[@]}"; do
         [[ -f "$RUN_DIR/$name.pid" ]] && running+=("$name")
@@ -89,14 +91,14 @@ while IFS=$'\t' read -r kind name class port state; do
                 start)
                     log="$LOG_DIR/$name.log"
                     echo "starting $name: bentoml serve service:$class --port $port  (log: $log)"
-                    # BENTOML_CONTAINERIZED: BentoML does not respawn a worker that dies, so a service
-                    # whose model cannot load exits (and is reported) instead of restarting forever.
+                    # BENTOML_CONTAINERIZED: BentoML does not respawn a worker that dies; the supervisor
+                    # restarts the whole `bentoml serve` instead, and gives up on a model that cannot load.
                     # BENTOML_HOME per service: BentoML keeps its Prometheus files there, and a server
                     # that starts empties them, which would wipe the metrics of the services before it.
+                    : >"$log"  # the supervisor appends to it, each restart after the last
                     BENTOML_CONTAINERIZED=true BENTOML_HOME="$RUN_DIR/bentoml-home/$name" \
-                        detached "$PYTHON" -m bentoml serve "service:$class" --port "$port" \
-                        >"$log" 2>&1 </dev/null &
-                    pid_of[$name]=$!
+                        detached "$PYTHON" -m embed_ops.launcher supervise --run-dir "$RUN_DIR" \
+                        --log-dir "$LOG_DIR" "$name" "service:$class" --port "$port" >>"$log" 2>&1 </dev/null &
                     printf '%s %s %s\n' "$!" "$class" "$port" >"$RUN_DIR/$name.pid"
                     started+=("$name")
                     waiting+=("$name")
@@ -127,18 +129,9 @@ if ((detach)) || ((${#alive[@]} == 0)); then
 fi
 
 echo "Press Ctrl-C to stop the services this run started (${alive[*]})."
-while ((${#alive[@]})); do
-    wait -n 2>/dev/null
-    still=()
-    for name in "${alive[@]}"; do
-        if kill -0 "${pid_of[$name]}" 2>/dev/null; then
-            still+=("$name")
-        else
-            echo "$name exited; the end of $LOG_DIR/$name.log:"
-            tail -n 20 "$LOG_DIR/$name.log" | sed 's/^/    | /'
-            rm -f "$RUN_DIR/$name.pid"
-        fi
-    done
-    alive=("${still[@]}")
-done
+# Says when a service dies, is restarted, or gives up; returns once none of them is left. In the
+# background, so that `wait` (unlike a foreground command) lets the Ctrl-C trap run at once.
+launcher watch --run-dir "$RUN_DIR" --log-dir "$LOG_DIR" "${alive[@]}" &
+watcher=$!
+wait "$watcher"
 exit 1

@@ -8,10 +8,13 @@ started comes from here, so nothing is written down twice.
     python -m embed_ops.launcher wait   --run-dir D --log-dir L --timeout S SERVICE...
     python -m embed_ops.launcher status --run-dir D --log-dir L
     python -m embed_ops.launcher stop   --run-dir D [SERVICE...]
+    python -m embed_ops.launcher supervise --run-dir D --log-dir L SERVICE service:CLASS --port P [-- CMD...]
+    python -m embed_ops.launcher watch  --run-dir D --log-dir L SERVICE...
 
-A service the script started has a PID file `<run dir>/<seed name>.pid` holding "pid class port";
-it is ours only while that pid still runs `bentoml serve service:<class> --port <port>`, so a pid
-the system has reused for something else is never signalled.
+A service the script started has a PID file `<run dir>/<seed name>.pid` holding "pid class port": the pid
+of its supervisor (embed_ops/supervisor.py), which runs `bentoml serve` and restarts it when it dies. It is
+ours only while that pid still runs the supervisor (or `bentoml serve`) for `service:<class> --port <port>`,
+so a pid the system has reused for something else is never signalled.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 from runners.table import SERVICES, spec_for
 
+from . import supervisor
 from .profiles import (
     DEFAULT_PROFILE,
     PROFILES,
@@ -104,12 +108,14 @@ def command_line(pid: int) -> str | None:
 
 
 def is_ours(record: Record) -> bool:
-    """Is this pid still the `bentoml serve` the script started for this record?"""
+    """Is this pid still the supervisor (or, from an older run, the `bentoml serve`) the script started?"""
     line = command_line(record.pid)
     if line is None or "<defunct>" in line:
         return False
     words = line.split()
-    if "serve" not in words or f"service:{record.class_name}" not in words or "bentoml" not in line:
+    serving = "serve" in words and "bentoml" in line
+    supervising = "supervise" in words and "embed_ops.launcher" in words
+    if not (serving or supervising) or f"service:{record.class_name}" not in words:
         return False
     try:
         return words[words.index("--port") + 1] == str(record.port)
@@ -193,6 +199,17 @@ def port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def first_error(log_path: Path, offset: int = 0) -> str | None:
+    """The first error line in a log after `offset` (usually the cause: later ones are its consequences)."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line for line in text if _ERROR_LINE.match(line)), None)
+
+
 def log_report(log_path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     """The first error in a log (usually the cause: later ones are its consequences), then the log's tail."""
     try:
@@ -200,9 +217,9 @@ def log_report(log_path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     except OSError:
         return [f"    (no log at {log_path})"]
     report = []
-    first_error = next((line for line in text if _ERROR_LINE.match(line)), None)
-    if first_error:
-        report.append(f"    first error: {first_error}")
+    cause = next((line for line in text if _ERROR_LINE.match(line)), None)
+    if cause:
+        report.append(f"    first error: {cause}")
     report.append(f"    last {min(lines, len(text))} lines of {log_path}:")
     report.extend(f"    | {line}" for line in text[-lines:])
     return report
@@ -278,6 +295,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             continue
         if record is not None:
             pid_file(args.run_dir, name).unlink(missing_ok=True)  # stale: its process is gone
+        supervisor.state_file(args.run_dir, name).unlink(missing_ok=True)
         if port_in_use(port):
             say(f"FAILED {name}: port {port} is in use by a program this script did not start; not starting it")
             print(f"service\t{name}\t{spec.class_name}\t{port}\tbusy")
@@ -305,7 +323,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 healthy[name] = (record, health)
                 del pending[name]
             elif not alive(record.pid):
-                failed[name] = "its process exited"
+                failed[name] = supervisor.read_state(args.run_dir, name).get("message") or "its process exited"
                 pid_file(args.run_dir, name).unlink(missing_ok=True)
                 del pending[name]
         now = time.monotonic()
@@ -330,23 +348,90 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 0 if not failed and not pending else 1
 
 
+def describe(record: Record, state: dict[str, Any], health: dict[str, Any] | None) -> str:
+    """One service's state in words, from its supervisor's state file and /health."""
+    if not is_ours(record):
+        return str(state.get("state") or "exited") if state.get("state") in supervisor.FINAL_STATES else "exited"
+    if state.get("state") == supervisor.RESTARTING:
+        return "restarting"
+    return "running" if health is not None else "starting (no /health yet)"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     found = records(args.run_dir)
     if not found:
         print(f"no services started by start_embed_server.sh (no PID files in {args.run_dir})")
         return 1
-    rows = []
+    rows, reports = [], []
     all_up = True
     for record in found:
-        if not is_ours(record):
-            state, health = f"exited (see {args.log_dir / f'{record.seed_name}.log'})", {}
-        else:
-            health = get_health(record.port)
-            state = "running" if health is not None else "starting (no /health yet)"
-        all_up = all_up and state == "running"
-        rows.append([*service_row(record.seed_name, record.port, health or {}), state, str(record.pid)])
-    print("\n".join(table(rows, [*SERVICE_HEADER, "state", "pid"])))
+        state = supervisor.read_state(args.run_dir, record.seed_name)
+        health = get_health(record.port) if is_ours(record) else None
+        words = describe(record, state, health)
+        all_up = all_up and words == "running"
+        rows.append(
+            [
+                *service_row(record.seed_name, record.port, health or {}),
+                words,
+                str(record.pid),
+                str(state.get("restarts", 0)),
+                str(state.get("last_exit") or "-"),
+            ]
+        )
+        if words != "running" and not words.startswith("starting"):
+            reports.append(f"{record.seed_name}: {state.get('message') or words}")
+            reports.extend(log_report(args.log_dir / f"{record.seed_name}.log"))
+    print("\n".join(table(rows, [*SERVICE_HEADER, "state", "pid", "restarts", "last exit"])))
+    if reports:
+        print()
+        print("\n".join(reports))
     return 0 if all_up else 1
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    """Run one service under a supervisor until it is stopped or gives up (see embed_ops/supervisor.py)."""
+    command = args.command_line or [sys.executable, "-m", "bentoml", "serve", args.target, "--port", str(args.port)]
+    return supervisor.Supervisor(
+        seed_name=args.service,
+        command=command,
+        run_dir=args.run_dir,
+        log_path=args.log_dir / f"{args.service}.log",
+        healthy=lambda: get_health(args.port) is not None,
+        policy=supervisor.RestartPolicy.from_env(os.environ),
+        first_error=first_error,
+    ).run()
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """The foreground run: say when a service dies, comes back or gives up; return once none is supervised."""
+    seen: dict[str, tuple[Any, Any]] = {}
+    for name in args.services:
+        state = supervisor.read_state(args.run_dir, name)
+        seen[name] = (state.get("state"), state.get("restarts"))
+    while True:
+        live = 0
+        for name in args.services:
+            record = read_record(args.run_dir, name)
+            if record is None:
+                continue
+            ours = is_ours(record)
+            live += ours
+            state = supervisor.read_state(args.run_dir, name)
+            now = (state.get("state"), state.get("restarts"))
+            if now == seen.get(name) and ours:
+                continue
+            seen[name] = now
+            if now[0] == supervisor.RESTARTING:
+                print(f"{name} exited ({state.get('last_exit')}); {state.get('message')}", flush=True)
+            elif now[0] == supervisor.RUNNING and now[1]:
+                print(f"{name} is back after restart {now[1]}", flush=True)
+            elif not ours and now != ("reported", None):
+                seen[name] = ("reported", None)
+                print(f"FAILED {name}: {state.get('message') or 'it exited'}")
+                print("\n".join(log_report(args.log_dir / f"{name}.log")), flush=True)
+        if not live:
+            return 1
+        time.sleep(args.poll)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -359,6 +444,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     for record in chosen:
         print(stop_record(record, args.grace), flush=True)
         pid_file(args.run_dir, record.seed_name).unlink(missing_ok=True)
+        supervisor.state_file(args.run_dir, record.seed_name).unlink(missing_ok=True)
     return 0
 
 
@@ -371,7 +457,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     plan.add_argument("services", nargs="*")
 
     wait = commands.add_parser("wait", help="wait for /health, report failures, print the table")
-    wait.add_argument("--log-dir", type=Path, required=True)
     wait.add_argument("--timeout", type=float, default=1800)
     wait.add_argument("services", nargs="+")
 
@@ -382,11 +467,33 @@ def main(argv: Iterable[str] | None = None) -> int:
     stop.add_argument("--grace", type=float, default=30, help="seconds between SIGTERM and SIGKILL")
     stop.add_argument("services", nargs="*")
 
-    for sub in (plan, wait, status, stop):
-        sub.add_argument("--run-dir", type=Path, required=True)
+    supervise = commands.add_parser("supervise", help="run one service, restarting it when it dies")
+    supervise.add_argument("--port", type=int, required=True)
+    supervise.add_argument("service", choices=list(SERVICES))
+    supervise.add_argument("target", help="service:<class>, what `bentoml serve` serves")
 
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    handlers = {"plan": cmd_plan, "wait": cmd_wait, "status": cmd_status, "stop": cmd_stop}
+    watch = commands.add_parser("watch", help="report deaths, restarts and give-ups until no service is left")
+    watch.add_argument("--poll", type=float, default=1.0)
+    watch.add_argument("services", nargs="+")
+
+    for sub in (plan, wait, status, stop, supervise, watch):
+        sub.add_argument("--run-dir", type=Path, required=True)
+    for sub in (wait, supervise, watch):
+        sub.add_argument("--log-dir", type=Path, required=True)
+
+    words = list(argv) if argv is not None else sys.argv[1:]
+    # After `--`: the command `supervise` runs instead of `bentoml serve` (a stand-in service, in tests).
+    command_line = words[words.index("--") + 1 :] if "--" in words else []
+    args = parser.parse_args(words[: words.index("--")] if "--" in words else words)
+    args.command_line = command_line
+    handlers = {
+        "plan": cmd_plan,
+        "wait": cmd_wait,
+        "status": cmd_status,
+        "stop": cmd_stop,
+        "supervise": cmd_supervise,
+        "watch": cmd_watch,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -1,9 +1,14 @@
 """deploy/: the Kubernetes manifests against the Kubernetes schemas, compose.yaml against the Compose
-spec, and both against the service table (ports, env names, images whose Bento serves the right class)."""
+spec, the systemd units with systemd's own checker, and all of them against the service table (ports, env
+names, images whose Bento serves the right class) and the request timeout (a stop lets a request finish)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -29,6 +34,20 @@ def manifest_files() -> list[Path]:
     return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+HPA = K8S / "autoscaling" / "hpa.yaml"
+ADAPTER = K8S / "autoscaling" / "prometheus-adapter-values.yaml"
+SYSTEMD = REPO / "deploy" / "systemd"
+
+
+def request_timeout() -> float:
+    """The longest a request may run: the services' BentoML traffic timeout (service.py)."""
+    import service
+
+    timeouts = {getattr(service, spec.class_name).config["traffic"]["timeout"] for spec in SERVICES.values()}
+    [timeout] = timeouts
+    return float(timeout)
+
+
 def k8s_objects() -> dict[tuple[str, str], dict]:
     return {(doc["kind"], doc["metadata"]["name"]): doc for path in manifest_files() for doc in documents(path)}
 
@@ -40,7 +59,7 @@ def bento_class(image: str) -> str:
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*manifest_files(), HPA], ids=lambda p: p.name)
 def test_manifests_validate_against_the_kubernetes_schemas(path, version):
     for doc in documents(path):
         kubernetes_validate.validate(doc, version, strict=True)  # raises on any error, unknown fields included
@@ -94,6 +113,102 @@ def test_each_service_has_a_deployment_and_a_service_that_agree_with_the_table(n
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     [service_port] = service["spec"]["ports"]
     assert (service_port["port"], service_port["targetPort"]) == (spec.port, "http")
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_each_pod_drains_before_it_stops_and_has_a_disruption_budget(name):
+    objects = k8s_objects()
+    k8s_name = name.replace("_", "-")
+    deployment = objects[("Deployment", k8s_name)]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    # preStop keeps the pod serving while it leaves the endpoints; then SIGTERM, and the longest request
+    # must still fit in the grace period, which counts from the start of preStop.
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and int(command[1]) >= 5
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + request_timeout()
+    # Rolling updates never take the last ready replica away.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    budget = objects[("PodDisruptionBudget", k8s_name)]
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_the_autoscaling_example_scales_each_deployment_on_the_queue_metric_the_services_export():
+    from runners.metrics import _metrics
+
+    autoscalers = {doc["metadata"]["name"]: doc for doc in documents(HPA)}
+    assert set(autoscalers) == {name.replace("_", "-") for name in SERVICES}
+    [rule] = yaml.safe_load(ADAPTER.read_text())["rules"]
+    exported = _metrics()["queued"]._name  # the histogram runners/metrics.py feeds with each request's wait
+    for name, hpa in autoscalers.items():
+        assert ("Deployment", name) in k8s_objects() and hpa["spec"]["scaleTargetRef"]["name"] == name
+        [metric] = hpa["spec"]["metrics"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
+        assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    # The adapter's rule reads that histogram's _sum and _count series, per pod.
+    assert re.fullmatch(rf"\^{exported}_count\$", rule["name"]["matches"])
+    assert f"{exported}_sum{{" in rule["metricsQuery"] and f"{exported}_count{{" in rule["metricsQuery"]
+    assert rule["seriesQuery"].startswith(f"{exported}_count{{")
+
+
+def systemd_units() -> dict[str, Path]:
+    return {path.stem.removeprefix("embed-").replace("-", "_"): path for path in sorted(SYSTEMD.glob("*.service"))}
+
+
+def unit_settings(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file's sections and keys, each key with all its values (systemd allows a key more than once)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, f"{path.name}: not a key=value line: {raw!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_there_is_one_systemd_unit_per_service():
+    assert sorted(systemd_units()) == sorted(SERVICES)
+
+
+@pytest.mark.parametrize("name", list(SERVICES))
+def test_each_systemd_unit_restarts_a_crash_gives_up_on_a_loop_and_drains_on_stop(name):
+    spec = SERVICES[name]
+    unit = unit_settings(systemd_units()[name])
+    service, section = unit["Service"], unit["Unit"]
+    [exec_start] = service["ExecStart"]
+    assert exec_start.split()[1:] == ["-m", "bentoml", "serve", f"service:{spec.class_name}", "--port", str(spec.port)]
+    assert service["Restart"] == ["on-failure"]
+    assert int(section["StartLimitBurst"][0]) >= 2 and int(section["StartLimitIntervalSec"][0]) >= 60
+    assert float(service["TimeoutStopSec"][0]) > request_timeout()
+    assert service["KillMode"] == ["mixed"]  # SIGTERM to bentoml serve only, so it drains its workers
+    assert service["StandardOutput"] == ["journal"] and service["StandardError"] == ["journal"]
+    assert any(path.endswith(f"/{name}.env") for path in service["EnvironmentFile"])
+    assert "BENTOML_CONTAINERIZED=true" in service["Environment"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt: systemd)")
+def test_systemd_accepts_the_units(tmp_path):
+    """systemd's own checker; the interpreter is pointed at this one, which exists here."""
+    paths = []
+    for path in systemd_units().values():
+        copy = tmp_path / path.name
+        copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", path.read_text(), flags=re.M))
+        paths.append(str(copy))
+    checked = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and checked.stderr.strip() == "", checked.stderr
+    # The checker can fail: a misspelt key is reported.
+    broken = tmp_path / "broken.service"
+    broken.write_text(Path(paths[0]).read_text().replace("Restart=on-failure", "Restrat=on-failure"))
+    checked = subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True, text=True, timeout=60)
+    assert "Restrat" in checked.stderr
 
 
 def compose() -> dict:

@@ -254,6 +254,22 @@ def test_a_pid_file_names_a_different_class_or_port_is_not_ours(tmp_path):
         process.wait()
 
 
+def test_a_supervisor_is_ours_by_the_same_rule_and_another_launcher_command_is_not(tmp_path):
+    supervising = spawn(
+        "import time; time.sleep(60)",
+        "-m", "embed_ops.launcher", "supervise", "bge_embed", "service:BgeEmbed", "--port", "6012",
+    )  # fmt: skip
+    watching = spawn("import time; time.sleep(60)", "-m", "embed_ops.launcher", "watch", "service:BgeEmbed")
+    try:
+        assert launcher.is_ours(launcher.Record("bge_embed", supervising.pid, "BgeEmbed", 6012))
+        assert not launcher.is_ours(launcher.Record("bge_embed", supervising.pid, "BgeEmbed", 6013))
+        assert not launcher.is_ours(launcher.Record("bge_embed", watching.pid, "BgeEmbed", 6012))
+    finally:
+        for process in (supervising, watching):
+            process.kill()
+            process.wait()
+
+
 def test_log_report_leads_with_the_first_error(tmp_path):
     log = tmp_path / "x.log"
     log.write_text(

@@ -1,5 +1,5 @@
-"""start_embed_server.sh for real: the demo profile (start, /health, status, stop), and a service that
-fails to load while another keeps running, then Ctrl-C."""
+"""start_embed_server.sh for real: the demo profile (start, /health, a killed worker restarted, status, stop),
+and a service that fails to load while another keeps running, then Ctrl-C."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from embed_ops.launcher import command_line, descendants
 from tests.conftest import REPO, free_port
 
 SCRIPT = REPO / "start_embed_server.sh"
@@ -69,13 +70,34 @@ def test_demo_profile_start_status_stop(tmp_path):
         assert embedded.status_code == 200 and embedded.json()["dimension"] == 384
         assert (tmp_path / "logs" / "bge_embed.log").stat().st_size > 0
 
+        # kill -9 of the worker (what the OOM killer does): `bentoml serve` exits, the supervisor starts it again.
+        supervisor_pid = int((tmp_path / "run" / "bge_embed.pid").read_text().split()[0])
+        [worker] = [pid for pid in descendants(supervisor_pid) if "_bentoml_impl.worker" in (command_line(pid) or "")]
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 240  # generous for a loaded CI machine; on an idle one it takes ~20 s
+        back = None
+        while time.monotonic() < deadline:
+            back = health(port)
+            if back is not None and back.status_code == 200 and worker not in descendants(supervisor_pid):
+                break
+            time.sleep(1)
+        assert back is not None and back.status_code == 200, (tmp_path / "logs" / "bge_embed.log").read_text()[-3000:]
+        again = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=30)
+        assert again.status_code == 200
+        assert again.json()["embedding"] == pytest.approx(embedded.json()["embedding"], abs=1e-5)
+
         status = run(["status"], env)
         assert status.returncode == 0, status.stdout
-        assert any(line.startswith("bge_embed ") and " running " in line for line in status.stdout.splitlines())
+        [row] = [line for line in status.stdout.splitlines() if line.startswith("bge_embed ")]
+        assert " running " in row and "No active process found for watcher" in row, status.stdout
+        words = row.split()
+        assert words[words.index("running") + 2] == "1"  # the restarts column, after the pid
 
         stopped = run(["stop"], env)
         assert stopped.returncode == 0 and "stopped bge_embed" in stopped.stdout
         assert wait_until_closed(port)
+        time.sleep(2)  # longer than the first restart pause: a deliberate stop is not undone
+        assert health(port) is None and descendants(supervisor_pid) == []
         assert list((tmp_path / "run").glob("*.pid")) == []
         assert run(["status"], env).returncode == 1
     finally:

@@ -1,0 +1,177 @@
+"""Slow and vanishing clients, a short soak, and the drain on SIGTERM, on one real `bentoml serve` of the demo
+model (BgeEmbed on all-MiniLM-L6-v2) with EMBED_READ_TIMEOUT=3 so that the cut-offs take seconds.
+
+The server is shared by the tests in file order; the last one (the drain) stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, serve
+
+sys.path.insert(0, str(REPO / "bench"))
+import soak  # noqa: E402
+
+pytestmark = pytest.mark.serve
+READ_TIMEOUT = 3
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("slow-clients") / "bentoml.log"
+    yield from serve("BgeEmbed", {"BGE_EMBED_MODEL": "demo", "EMBED_READ_TIMEOUT": str(READ_TIMEOUT)}, log_path)
+
+
+def port_of(served) -> int:
+    return int(served.url.rsplit(":", 1)[1])
+
+
+def texts_embedded(served) -> int:
+    return served.get("/health").json()["texts_embedded"]
+
+
+def read_all(sock: socket.socket, limit: float) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes (True) or `limit` seconds pass (False)."""
+    sock.settimeout(limit)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data, True
+    except ConnectionResetError:
+        # The server closed with the client's last dripped bytes unread: a reset, which can overtake the 408.
+        return data, True
+    except TimeoutError:
+        return data, False
+
+
+def drip(sock: socket.socket, payload: bytes, stop: threading.Event) -> None:
+    """Send a byte every 0.25 s until told to stop or the server answers (a byte sent after the server closed
+    would get a reset back, which can discard the answer before the test reads it)."""
+    for byte in payload:
+        if stop.is_set() or select.select([sock], [], [], 0)[0]:
+            return
+        try:
+            sock.send(bytes([byte]))
+        except OSError:
+            return
+        time.sleep(0.25)
+
+
+def test_a_slowloris_client_blocks_nobody_holds_no_model_slot_and_is_cut_off(served):
+    part = "headers"
+    body = json.dumps({"text": "a slow cat " * 20}).encode()
+    head = (
+        f"POST /embed/text HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    before = texts_embedded(served)
+    stop = threading.Event()
+    with socket.create_connection(("127.0.0.1", port_of(served))) as sock:
+        if part == "body":
+            sock.sendall(head.encode())
+        dripping = threading.Thread(
+            target=drip, args=(sock, (head.encode() if part == "headers" else b"") + body, stop)
+        )
+        dripping.start()
+        try:
+            # Others are answered meanwhile.
+            for i in range(3):
+                answer = served.post("/embed/text", json={"text": f"a quick cat {i}"})
+                assert answer.status_code == 200
+            data, closed = read_all(sock, READ_TIMEOUT + 30)
+        finally:
+            stop.set()
+            dripping.join()
+    assert closed, "the slow client was never cut off"
+    if part == "headers" or data:
+        assert data.startswith(b"HTTP/1.1 408 "), data[:200]
+        assert b"EMBED_READ_TIMEOUT" in data
+    # The slow request never reached the model: only the three quick texts were embedded.
+    assert texts_embedded(served) - before == 3
+    assert served.get("/health").status_code == 200
+
+
+async def one_connection(port: int, index: int) -> str:
+    body = json.dumps({"text": f"connection {index}"}).encode()
+    request = (
+        f"POST /embed/text HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + body
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 60)
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 240)
+        writer.close()
+        return answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/1.1 ") else f"no answer: {answer[:50]!r}"
+    except (OSError, TimeoutError) as exc:
+        return type(exc).__name__
+
+
+def test_a_thousand_connections_at_once_get_an_answer_or_a_clear_503(served):
+    async def all_at_once() -> Counter:
+        return Counter(await asyncio.gather(*(one_connection(port_of(served), i) for i in range(1000))))
+
+    outcomes = asyncio.run(all_at_once())
+    assert set(outcomes) <= {"200", "503"}, outcomes
+    assert outcomes["200"] > 0
+    assert served.get("/health").status_code == 200
+
+
+def test_a_short_soak_keeps_files_threads_and_memory_flat(served):
+    """Five phases of 150 mixed requests (bench/soak.py's mix: all lengths, batches, bad inputs, cancelled
+    clients); every answer is the right one, and after the first phase (the warm-up) nothing grows."""
+    root = served.process.pid
+    phases = soak.soak(served.url, 5, 150, 8, 0, lambda: soak.server_pids(root))
+    assert [p.unexpected for p in phases] == [[]] * 5
+    warm = phases[0]
+    for phase in phases[1:]:
+        assert phase.fds <= warm.fds + 8, [p.fds for p in phases]
+        assert phase.threads <= warm.threads + 4, [p.threads for p in phases]
+    # Memory: allocator noise, not a leak, may move RSS a little; a leak of a request's texts or vectors would not.
+    assert phases[-1].rss_mib - phases[1].rss_mib < 64, [round(p.rss_mib) for p in phases]
+    assert sum(p.statuses["cancelled"] for p in phases) > 20
+
+
+def test_sigterm_during_a_burst_answers_every_request_and_refuses_new_connections(served):
+    port = port_of(served)
+    answers: list[int | str] = []
+
+    def burst(i: int) -> None:
+        try:
+            with httpx.Client(timeout=300) as client:
+                texts = [f"burst {i} text {j} " * 20 for j in range(64)]
+                answers.append(client.post(f"{served.url}/embed/texts", json={"texts": texts}).status_code)
+        except httpx.HTTPError as exc:
+            answers.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=burst, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)  # all eight are in: being read, queued or computed
+    served.process.send_signal(signal.SIGTERM)
+    refused_while_draining = False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(thread.is_alive() for thread in threads):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            refused_while_draining = True
+            break
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(timeout=300)
+    assert answers == [200] * 8
+    assert refused_while_draining
+    assert served.process.wait(timeout=60) == 0
