@@ -13,7 +13,9 @@ from typing import Any
 from .errors import ModelLoadError
 from .table import ServiceSpec
 
-QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
+# int8: weight-only int8 (runners/int8.py); bnb-int8: bitsandbytes' LLM.int8(); nf4: bitsandbytes 4-bit;
+# fp8: FP8 weights and activations (runners/fp8.py). README.md's quantization table compares them.
+QUANTIZATIONS = ("none", "int8", "bnb-int8", "nf4", "fp8")
 
 
 def setting(spec: ServiceSpec, key: str, default: str | None = None) -> str | None:

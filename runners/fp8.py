@@ -53,11 +53,11 @@ class Fp8Linear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     @property
-    def fp8(self) -> Fp8Weight:
+    def quantized(self) -> Fp8Weight:
         return Fp8Weight(self.weight_fp8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fp8_linear(x, self.fp8)
+        out = fp8_linear(x, self.quantized)
         return out if self.bias is None else out + self.bias
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["text_embedding", "rerank", "image_embedding"]
-Quantization = Literal["none", "int8", "nf4", "fp8"]
+Quantization = Literal["none", "int8", "bnb-int8", "nf4", "fp8"]  # runners/config.py QUANTIZATIONS
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""Weight-only int8 (`<NAME>_QUANTIZATION=int8`): one byte per weight, activations in the model's dtype.
+
+Each linear layer's weight is stored as int8 with one scale per output channel (symmetric, round to
+nearest, |q| <= 127); inputs, accumulation and outputs stay in the model's dtype (bf16 on GPUs, fp32
+on the CPU). The dequantization is part of the matrix product, not a dequantized copy of the model:
+on the CPU `torch._weight_int8pack_mm` (one fused kernel); on a GPU `x @ int8.to(dtype).T * scale`,
+which the compiled packed forward (torch.compile) fuses and the eager paths run layer by layer.
+
+Hand-written rather than torchao's Int8WeightOnlyConfig: in torchao 0.18 that config runs the same
+GPU expression, but on the CPU it converts every weight to the activation dtype on every call instead
+of using the fused kernel (bench/quant_accuracy.py compares the two).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+INT8_MAX = 127  # symmetric: -128 is never used, so that -w quantizes to -q
+
+
+class Int8Weight(NamedTuple):
+    data: torch.Tensor  # [out, in], int8
+    scale: torch.Tensor  # [out], float32: weight ~= data * scale[:, None]
+
+
+def quantize_weight(weight: torch.Tensor) -> Int8Weight:
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
+    data = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return Int8Weight(data, scale)
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """x @ dequantized(weight).T, the result in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    product = fused_cpu_product if rows.device.type == "cpu" else dequantizing_product
+    out = product(rows, weight)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def fused_cpu_product(rows: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    return torch._weight_int8pack_mm(rows.contiguous(), weight.data, weight.scale.to(rows.dtype))
+
+
+def dequantizing_product(rows: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """The GPU's: one layer's weight converted at a time; under torch.compile Inductor fuses the conversion."""
+    return F.linear(rows, weight.data.to(rows.dtype)) * weight.scale.to(rows.dtype)
+
+
+class Int8Linear(torch.nn.Module):
+    """A drop-in nn.Linear with int8 weights (one scale per output channel)."""
+
+    def __init__(self, linear: torch.nn.Linear, device: torch.device) -> None:
+        super().__init__()
+        weight = quantize_weight(linear.weight.data.to(device))
+        self.register_buffer("weight_int8", weight.data)
+        self.register_buffer("weight_scale", weight.scale)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.to(device))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def quantized(self) -> Int8Weight:
+        return Int8Weight(self.weight_int8, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = int8_linear(x, self.quantized)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_model_int8(model: Any, device: torch.device, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace the model's nn.Linear layers with Int8Linear on `device`, one at a time (the full-precision
+    model never has to fit on the GPU). Embeddings, norms and anything named in `skip` stay as they are."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full_name = f"{name}.{child_name}" if name else child_name
+            if type(child) is not torch.nn.Linear or any(part in full_name for part in skip):
+                continue
+            setattr(module, child_name, Int8Linear(child, device))
+            replaced += 1
+    return replaced
