@@ -2,13 +2,15 @@
 
 Each linear layer's weight is stored as int8 with one scale per output channel (symmetric, round to
 nearest, |q| <= 127); inputs, accumulation and outputs stay in the model's dtype (bf16 on GPUs, fp32
-on the CPU). The dequantization is part of the matrix product, not a dequantized copy of the model:
-on the CPU `torch._weight_int8pack_mm` (one fused kernel); on a GPU `x @ int8.to(dtype).T * scale`,
-which the compiled packed forward (torch.compile) fuses and the eager paths run layer by layer.
+on the CPU). Two ways to run the product, chosen by device and dtype:
+- `torch._weight_int8pack_mm`, one fused kernel, for bf16/fp16 on the CPU. Its fp32 CPU kernel is
+  a matrix-vector loop, many times slower than fp32's own matmul on batches, so fp32 takes the other;
+- `x @ int8.to(dtype).T * scale` elsewhere: one layer's weight converted at a time (never a
+  dequantized copy of the model); on GPUs the compiled packed forward lets Inductor fuse it.
 
-Hand-written rather than torchao's Int8WeightOnlyConfig: in torchao 0.18 that config runs the same
-GPU expression, but on the CPU it converts every weight to the activation dtype on every call instead
-of using the fused kernel (bench/quant_accuracy.py compares the two).
+Hand-written rather than torchao's Int8WeightOnlyConfig (0.18): that runs the second expression
+everywhere, the CPU's bf16 included, and its wheel's C extensions do not load with torch 2.13;
+bench/quant_accuracy.py compares the two.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def quantize_weight(weight: torch.Tensor) -> Int8Weight:
 def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     """x @ dequantized(weight).T, the result in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    product = fused_cpu_product if rows.device.type == "cpu" else dequantizing_product
-    out = product(rows, weight)
+    fused = rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16)
+    out = (fused_cpu_product if fused else dequantizing_product)(rows, weight)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -46,7 +48,6 @@ def fused_cpu_product(rows: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
 
 
 def dequantizing_product(rows: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    """The GPU's: one layer's weight converted at a time; under torch.compile Inductor fuses the conversion."""
     return F.linear(rows, weight.data.to(rows.dtype)) * weight.scale.to(rows.dtype)
 
 
