@@ -36,11 +36,59 @@ from runners.embedder import TextEmbedder  # noqa: E402
 from runners.reranker import Reranker  # noqa: E402
 from runners.table import SERVICES  # noqa: E402
 
-WORDS = (
-    "cat dog sun photo beach mountain red blue car train city night river tree house book music code "
-    "python error price stock market report revenue grew quarter password reset login account image "
-    "sunset waves gulls children playing park winter snow coffee morning meeting project deadline"
-).split()
+WORDS = [
+    *[
+        "cat",
+        "dog",
+        "sun",
+        "photo",
+        "beach",
+        "mountain",
+        "red",
+        "blue",
+        "car",
+        "train",
+        "city",
+        "night",
+        "river",
+        "tree",
+        "house",
+        "book",
+        "music",
+        "code",
+    ],
+    *[
+        "python",
+        "error",
+        "price",
+        "stock",
+        "market",
+        "report",
+        "revenue",
+        "grew",
+        "quarter",
+        "password",
+        "reset",
+        "login",
+        "account",
+        "image",
+    ],
+    *[
+        "sunset",
+        "waves",
+        "gulls",
+        "children",
+        "playing",
+        "park",
+        "winter",
+        "snow",
+        "coffee",
+        "morning",
+        "meeting",
+        "project",
+        "deadline",
+    ],
+]
 FIXED = [
     "yes", "no", "ok", "hello", "a", "猫", "一只橙色的猫在阳光下晒太阳", "x = 1", "What is the capital of France?",
     "How do I reset my password?", "Photosynthesis converts light energy into chemical energy in plants.",
@@ -52,7 +100,8 @@ TORCHAO = "torchao-int8wo"  # torchao's Int8WeightOnlyConfig, applied to the unq
 def sentences(count: int, seed: int = 0) -> list[str]:
     """Fixed sentences (one word, questions, code, Chinese) and random word strings of 1 to 80 words."""
     rng = random.Random(seed)
-    made = [" ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 21, 40, 80]))) for _ in range(count)]
+    lengths = [1, 2, 3, 5, 8, 13, 21, 40, 80]
+    made = [" ".join(rng.choice(WORDS) for _ in range(rng.choice(lengths))) for _ in range(count)]
     return (FIXED + made)[:count]
 
 

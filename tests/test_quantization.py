@@ -222,9 +222,7 @@ def test_an_unknown_mode_is_refused_naming_the_variable(monkeypatch):
 
 
 @pytest.mark.parametrize("quantization", ["bnb-int8", "nf4"])
-def test_bitsandbytes_modes_without_bitsandbytes_are_refused_naming_the_variable(
-    monkeypatch, quantization, bge_dir
-):
+def test_bitsandbytes_modes_without_bitsandbytes_are_refused_naming_the_variable(monkeypatch, quantization, bge_dir):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ModelLoadError, match=f"BGE_EMBED_QUANTIZATION={quantization} needs bitsandbytes"):
         embedder(monkeypatch, "bge_embed", bge_dir, quantization)
