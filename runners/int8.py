@@ -9,8 +9,8 @@ on the CPU). Two ways to run the product, chosen by device and dtype:
   dequantized copy of the model); on GPUs the compiled packed forward lets Inductor fuse it.
 
 Hand-written rather than torchao's Int8WeightOnlyConfig (0.18): that runs the second expression
-everywhere, the CPU's bf16 included, and its wheel's C extensions do not load with torch 2.13;
-bench/quant_accuracy.py compares the two.
+everywhere, the CPU's bf16 included, and would be one more dependency for a few lines;
+bench/quant_accuracy.py compares the two (BENCHMARKS.md).
 """
 
 from __future__ import annotations
