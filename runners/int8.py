@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .quantized import QuantizedLinear, swap_linears
+
 INT8_MAX = 127  # symmetric: -128 is never used, so that -w quantizes to -q
 
 
@@ -51,38 +53,15 @@ def dequantizing_product(rows: torch.Tensor, weight: Int8Weight) -> torch.Tensor
     return F.linear(rows, weight.data.to(rows.dtype)) * weight.scale.to(rows.dtype)
 
 
-class Int8Linear(torch.nn.Module):
+class Int8Linear(QuantizedLinear):
     """A drop-in nn.Linear with int8 weights (one scale per output channel)."""
 
-    def __init__(self, linear: torch.nn.Linear, device: torch.device) -> None:
-        super().__init__()
-        weight = quantize_weight(linear.weight.data.to(device))
-        self.register_buffer("weight_int8", weight.data)
-        self.register_buffer("weight_scale", weight.scale)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.to(device))
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    @property
-    def quantized(self) -> Int8Weight:
-        return Int8Weight(self.weight_int8, self.weight_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_linear(x, self.quantized)
-        return out if self.bias is None else out + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    quantize = staticmethod(quantize_weight)
+    product = staticmethod(int8_linear)
+    weight_type = Int8Weight
 
 
 def quantize_model_int8(model: Any, device: torch.device, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace the model's nn.Linear layers with Int8Linear on `device`, one at a time (the full-precision
-    model never has to fit on the GPU). Embeddings, norms and anything named in `skip` stay as they are."""
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full_name = f"{name}.{child_name}" if name else child_name
-            if type(child) is not torch.nn.Linear or any(part in full_name for part in skip):
-                continue
-            setattr(module, child_name, Int8Linear(child, device))
-            replaced += 1
-    return replaced
+    """Replace the model's nn.Linear layers with Int8Linear on `device`, one at a time. Embeddings, norms and
+    anything named in `skip` stay as they are."""
+    return swap_linears(model, lambda linear: Int8Linear(linear, device), skip)
