@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from runners.config import QUANTIZATIONS, setting
 from runners.table import SERVICES, ServiceSpec, spec_for
 
-# Bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1 byte per parameter).
-BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "int8": 1.0, "fp8": 1.0, "nf4": 0.5}
+# Bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1 byte per parameter). An estimate:
+# the quantized modes keep the embeddings and norms in bf16, and activations and the CUDA context come on
+# top; bench/gpu_quantization.py measures the real peak (BENCHMARKS.md: not yet measured on a GPU).
+BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "int8": 1.0, "bnb-int8": 1.0, "fp8": 1.0, "nf4": 0.5}
+ESTIMATE_NOTE = "an estimate (parameters x bytes per parameter), not yet measured on a GPU"
 assert set(BYTES_PER_PARAM) == set(QUANTIZATIONS)
 
 
@@ -155,7 +158,8 @@ def memory_warnings(totals: dict[str, float], free_bytes: dict[str, int]) -> lis
         free = free_bytes.get(index)
         if free is not None and needed * 1e9 > free:
             warnings.append(
-                f"GPU {index}: the weights alone need ~{needed:.1f} GB, but only {free / 1e9:.1f} GB is free. "
+                f"GPU {index}: the weights alone need ~{needed:.1f} GB ({ESTIMATE_NOTE}), but only "
+                f"{free / 1e9:.1f} GB is free. "
                 "Pick a lighter profile, quantize (<NAME>_QUANTIZATION=int8|nf4), or move a service "
                 "with <NAME>_DEVICE=cuda:N."
             )
@@ -214,5 +218,5 @@ def describe_estimate(estimates: list[WeightEstimate]) -> list[str]:
     lines = []
     for index, total in sorted(per_gpu(estimates).items()):
         parts = ", ".join(f"{e.seed_name} {e.gigabytes:.1f} ({e.quantization})" for e in estimates if e.device == index)
-        lines.append(f"GPU {index}: ~{total:.1f} GB of weights: {parts}")
+        lines.append(f"GPU {index}: ~{total:.1f} GB of weights: {parts}; {ESTIMATE_NOTE}")
     return lines

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ModelLoadError
-from .table import POOLING_NAMES, ServiceSpec
+from .table import POOLING_NAMES, QUANTIZATIONS, ServiceSpec
 
-QUANTIZATIONS = ("none", "int8", "nf4", "fp8")
+# QUANTIZATIONS (runners/table.py): int8 is weight-only int8 (runners/int8.py); bnb-int8 bitsandbytes'
+# LLM.int8(); nf4 bitsandbytes 4-bit; fp8 FP8 weights and activations (runners/fp8.py). README.md compares them.
 
 
 def setting(spec: ServiceSpec, key: str, default: str | None = None) -> str | None:

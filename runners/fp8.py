@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .quantized import QuantizedLinear, swap_linears
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
@@ -41,40 +43,23 @@ def fp8_linear(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-class Fp8Linear(torch.nn.Module):
+class Fp8Linear(QuantizedLinear):
     """A drop-in nn.Linear with FP8 weights."""
 
-    def __init__(self, linear: torch.nn.Linear, device: torch.device) -> None:
-        super().__init__()
-        weight = quantize_weight(linear.weight.data.to(device))
-        self.register_buffer("weight_fp8", weight.data)
-        self.register_buffer("weight_scale", weight.scale)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.to(device))
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    @property
-    def fp8(self) -> Fp8Weight:
-        return Fp8Weight(self.weight_fp8, self.weight_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fp8_linear(x, self.fp8)
-        return out if self.bias is None else out + self.bias
+    quantize = staticmethod(quantize_weight)
+    product = staticmethod(fp8_linear)
+    weight_type = Fp8Weight
 
 
 def quantize_model_fp8(model: Any, device: torch.device, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace the model's linear layers with Fp8Linear on `device`, one at a time (so the full bf16 model
-    never has to fit on the GPU). Layers whose sizes the FP8 kernels cannot take stay as they are."""
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full_name = f"{name}.{child_name}" if name else child_name
-            if type(child) is not torch.nn.Linear or any(part in full_name for part in skip):
-                continue
-            if child.in_features % 16 or child.out_features % 16:
-                continue
-            setattr(module, child_name, Fp8Linear(child, device))
-            replaced += 1
-    return replaced
+    """Replace the model's linear layers with Fp8Linear on `device`, one at a time. Layers whose sizes the FP8
+    kernels cannot take stay as they are."""
+    return swap_linears(
+        model,
+        lambda linear: Fp8Linear(linear, device),
+        skip,
+        takes=lambda linear: not (linear.in_features % 16 or linear.out_features % 16),
+    )
 
 
 def fp8_supported(device: torch.device) -> bool:

@@ -182,28 +182,64 @@ def pick_dtype(config: RunnerConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# Modes applied after loading, by swapping the model's nn.Linear layers (the forwards need no change).
+# The bitsandbytes modes (bnb-int8, nf4) are applied by from_pretrained instead (quantization_kwargs).
+SWAPPED_MODES = ("int8", "fp8")
+
+
 def quantization_kwargs(config: RunnerConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """from_pretrained arguments for the bitsandbytes modes (int8, nf4). fp8 is applied after loading."""
-    if config.quantization in ("none", "fp8"):
+    """from_pretrained arguments for the bitsandbytes modes (bnb-int8, nf4); {} for the others."""
+    if config.quantization not in ("bnb-int8", "nf4"):
         return {}
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:  # pragma: no cover - transformers always has it
-        raise ModelLoadError(f"quantization {config.quantization!r} needs bitsandbytes: {exc}") from None
+    from transformers import BitsAndBytesConfig
+
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelLoadError(
-            f"{config.model_env.replace('_MODEL', '_QUANTIZATION')}={config.quantization} needs bitsandbytes: "
-            "pip install bitsandbytes, or set it to none"
+            f"{quantization_env(config)}={config.quantization} needs bitsandbytes: "
+            "pip install bitsandbytes, or set it to int8 (weight-only, no extra package) or none"
         ) from None
-    if config.quantization == "int8":
+    if config.quantization == "bnb-int8":
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     }
+
+
+def quantization_env(config: RunnerConfig) -> str:
+    return config.model_env.removesuffix("_MODEL") + "_QUANTIZATION"
+
+
+def quantization_advice(config: RunnerConfig, device: torch.device) -> str | None:
+    """A start-up warning for a mode this device runs, but slowly; None when it runs as intended."""
+    from .fp8 import fp8_supported
+
+    if config.quantization == "fp8" and not fp8_supported(device):
+        return (
+            f"{quantization_env(config)}=fp8: this GPU has no FP8 matrix units (compute capability 8.9 or newer: "
+            "Ada, Hopper), so FP8 runs dequantized, slower than bf16 at the same memory as int8; "
+            f"set {quantization_env(config)}=int8 instead"
+        )
+    return None
+
+
+def quantize_after_loading(model: Any, config: RunnerConfig, device: torch.device) -> None:
+    """The swapped modes, layer by layer onto `device` before the rest of the model moves there."""
+    from .fp8 import quantize_model_fp8
+    from .int8 import quantize_model_int8
+
+    advice = quantization_advice(config, device)
+    if advice:
+        log.warning("%s", advice)
+    quantize = {"int8": quantize_model_int8, "fp8": quantize_model_fp8}[config.quantization]
+    if quantize(model, device) == 0:
+        raise ModelLoadError(
+            f"{quantization_env(config)}={config.quantization}: the model has no linear layer this mode can "
+            "quantize; set it to none"
+        )
 
 
 def load_pretrained(
@@ -220,15 +256,8 @@ def load_pretrained(
             f"{config.model_env}={str(files.root)!r}: could not load the model from {files.model_dir} "
             f"({type(exc).__name__}: {exc})"
         ) from None
-    if config.quantization == "fp8":
-        from .fp8 import fp8_supported, quantize_model_fp8
-
-        if not fp8_supported(device):
-            raise ModelLoadError(
-                f"{config.model_env.replace('_MODEL', '_QUANTIZATION')}=fp8 needs a GPU with FP8 matrix units "
-                "(compute capability 8.9 or newer: Ada, Hopper); use int8 or nf4 on this GPU"
-            )
-        quantize_model_fp8(model, device)  # layer by layer, before the rest moves: bf16 never fills the GPU
+    if config.quantization in SWAPPED_MODES:
+        quantize_after_loading(model, config, device)  # bf16 never fills the GPU
     if "quantization_config" not in kwargs:
         model = model.to(device)
     return model.eval()

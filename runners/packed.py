@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8 import Fp8Linear, Fp8Weight, fp8_linear
+from .int8 import Int8Linear, Int8Weight, int8_linear
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class PackedQwen3:
     With plain bf16/fp32 linear layers, each decoder layer runs as two functions of its weights
     (everything before attention, everything after it), which `torch.compile` can fuse: the norms,
     rotary embedding, SwiGLU and residual adds then cost one memory pass each instead of several.
-    FP8 weights go through the same functions; bitsandbytes layers run as their own modules instead.
+    FP8 and weight-only int8 layers go through the same functions; bitsandbytes layers run as their own modules instead.
     """
 
     def __init__(self, model: Any, *, compile: bool = False) -> None:
@@ -272,19 +273,27 @@ class PackedBert:
         return out.transpose(1, 2)[real].flatten(1)  # real positions only, in packed order: [T, hidden]
 
 
+# The swapped quantized layers (runners/fp8.py, runners/int8.py): their `quantized` weight, and its product.
+_QUANTIZED_LINEARS = (Fp8Linear, Int8Linear)
+_PRODUCTS = ((Fp8Weight, fp8_linear), (Int8Weight, int8_linear))
+
+
 def _plain_linear(layer: Any) -> bool:
-    """Linear layers whose weights the weight functions can take: bf16/fp32 nn.Linear, or FP8, without bias."""
+    """Linear layers whose weights the weight functions can take: bf16/fp32 nn.Linear, FP8 or int8, without bias."""
     linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]  # fmt: skip
-    return all(type(linear) in (torch.nn.Linear, Fp8Linear) and linear.bias is None for linear in linears)
+    return all(type(linear) in (torch.nn.Linear, *_QUANTIZED_LINEARS) and linear.bias is None for linear in linears)
 
 
-def _weight(linear: Any) -> torch.Tensor | Fp8Weight:
-    return linear.fp8 if isinstance(linear, Fp8Linear) else linear.weight
+def _weight(linear: Any) -> torch.Tensor | Fp8Weight | Int8Weight:
+    return linear.quantized if isinstance(linear, _QUANTIZED_LINEARS) else linear.weight
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
-    return fp8_linear(x, weight) if isinstance(weight, Fp8Weight) else F.linear(x, weight)
+def _linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight | Int8Weight) -> torch.Tensor:
+    for kind, product in _PRODUCTS:
+        if isinstance(weight, kind):
+            return product(x, weight)
+    return F.linear(x, weight)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,7 +14,8 @@ from typing import Literal, get_args
 # keyed by them, and tests/test_layers.py checks that every such map covers every name.
 Kind = Literal["text_embedding", "rerank", "image_embedding"]
 KINDS: tuple[str, ...] = get_args(Kind)
-Quantization = Literal["none", "int8", "nf4", "fp8"]
+Quantization = Literal["none", "int8", "bnb-int8", "nf4", "fp8"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 PoolingName = Literal["cls", "mean", "last"]
 POOLING_NAMES: tuple[str, ...] = get_args(PoolingName)
 

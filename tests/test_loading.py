@@ -91,14 +91,16 @@ def test_cuda_requested_without_a_gpu_is_refused(monkeypatch, bge_dir):
         TextEmbedder(SERVICES["bge_embed"], config)
 
 
-def test_int8_default_of_the_8b_service_loads_and_answers_on_cpu(monkeypatch, qwen3_embedding_dir):
-    """bitsandbytes runs on the CPU: the seed's int8 default works, and stays close to full precision."""
-    monkeypatch.delenv("QWEN3_8B_EMBED_QUANTIZATION", raising=False)
-    monkeypatch.delenv("EMBED_QUANTIZATION", raising=False)
+def test_bnb_int8_loads_and_answers_on_cpu(monkeypatch, qwen3_embedding_dir):
+    """bitsandbytes LLM.int8() (bnb-int8) runs on the CPU, and stays close to full precision."""
     config = config_for(
-        "qwen3_8b_embed", monkeypatch, QWEN3_8B_EMBED_MODEL=str(qwen3_embedding_dir), EMBED_DEVICE="cpu"
+        "qwen3_8b_embed",
+        monkeypatch,
+        QWEN3_8B_EMBED_MODEL=str(qwen3_embedding_dir),
+        EMBED_DEVICE="cpu",
+        QWEN3_8B_EMBED_QUANTIZATION="bnb-int8",
     )
-    assert config.quantization == "int8"
+    assert config.quantization == "bnb-int8"
     int8 = TextEmbedder(SERVICES["qwen3_8b_embed"], config)
     assert type(int8.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
     assert int8.packed is not None and not int8.packed.functional  # quantized layers run as their own modules
@@ -109,6 +111,6 @@ def test_int8_default_of_the_8b_service_loads_and_answers_on_cpu(monkeypatch, qw
     a = torch.tensor(asyncio.run(int8.embed(texts)))
     b = torch.tensor(asyncio.run(full.embed(texts)))
     assert (F.cosine_similarity(a, b) > 0.98).all()
-    assert int8.describe()["quantization"] == "int8"
+    assert int8.describe()["quantization"] == "bnb-int8"
     int8.close()
     full.close()

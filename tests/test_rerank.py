@@ -214,12 +214,12 @@ def test_head_rows_are_read_from_sharded_checkpoints(qwen3_reranker_dir, tmp_pat
 
 
 @pytest.mark.parametrize("seed_name", SEED_NAMES)
-def test_int8_loads_and_answers_on_cpu(make_reranker, layouts, seed_name):
+def test_bnb_int8_loads_and_answers_on_cpu(make_reranker, layouts, seed_name):
     import bitsandbytes as bnb
 
     root, model_dir, tokenizer_dir, head_source = layouts[seed_name]
-    reranker = make_reranker(seed_name, root, EMBED_QUANTIZATION="int8")
-    assert reranker.describe()["quantization"] == "int8"
+    reranker = make_reranker(seed_name, root, EMBED_QUANTIZATION="bnb-int8")
+    assert reranker.describe()["quantization"] == "bnb-int8"
     quantized = [module for module in reranker.model.modules() if isinstance(module, bnb.nn.Linear8bitLt)]
     assert len(quantized) == 2 * 7  # every attention and MLP projection of both layers
     assert quantized[0].weight.dtype == torch.int8
