@@ -230,7 +230,10 @@ def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None
     @functools.wraps(init)
     def __init__(self: t.Any) -> None:
         init(self)
+        from embed_http.logs import log_client_errors_as_warnings
         from runners.metrics import PrometheusBatchMetrics
+
+        log_client_errors_as_warnings()  # BentoML's validation 400s: one WARNING line, not an ERROR traceback
 
         self.engine.batcher.observer = PrometheusBatchMetrics(self.spec.seed_name)
         gc.collect()  # what start-up left as garbage goes now, not into the frozen generation

@@ -15,6 +15,7 @@ validates its own JSON (so every answer is in the protocol's shape) and calls th
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import time
@@ -31,12 +32,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runners.config import setting
+from embed_http import token_ids
+from runners.config import int_setting, setting
 from runners.errors import InputError, Overloaded
 from runners.table import ServiceSpec
 
 PROTOCOL_PREFIXES = ("/v1/", "/v2/")
 MAX_BODY_BYTES = 32 * 1024 * 1024  # far above what max_items_per_request texts of max_length tokens take
+OPENAI_MAX_INPUTS = 2048  # OpenAI's own limit on /v1/embeddings (LangChain sends 1000 at once by default)
 OWNER = "embed-services"
 STARTED = int(time.time())
 
@@ -53,7 +56,9 @@ class ProtocolError(Exception):
 
 def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or ERROR_CODES.get(status)}}
+    error = {"message": message, "type": kind, "param": param, "code": code or ERROR_CODES.get(status)}
+    # `detail` too: Jina's clients (LlamaIndex and LangChain's JinaRerank) raise RuntimeError(body["detail"]).
+    return {"error": error, "detail": message}
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -124,17 +129,30 @@ class EmbeddingsRequest(BaseModel):
     instruction: t.Optional[StrictStr] = None  # not OpenAI's: a task instruction for queries (Qwen3, BGE)
 
 
+@functools.lru_cache
+def openai_max_inputs(spec: ServiceSpec) -> int:
+    """Inputs per request on /v1/embeddings: OpenAI's 2048 unless `<NAME>_OPENAI_MAX_INPUTS` says otherwise
+    (the seed paths keep MAX_ITEMS_PER_REQUEST; the batcher cuts forward passes by tokens either way)."""
+    return int_setting(spec, "OPENAI_MAX_INPUTS", OPENAI_MAX_INPUTS)
+
+
 def texts_from_input(value: t.Any, limit: int) -> list[str]:
+    """As OpenAI: an empty string is refused; a blank item (" ", "\n") in a batch is embedded as sent. A request
+    with nothing but blank text is refused, as on the seed paths."""
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts:
         raise ProtocolError(400, "`input` must be a string or a non-empty list of strings", param="input")
     if any(isinstance(item, (int, list)) for item in texts):
-        raise ProtocolError(400, "`input` as token ids is not supported; send the text itself", param="input")
+        message = "`input` mixes strings and token ids; send a list of strings or a list of token-id lists"
+        raise ProtocolError(400, message, param="input")
     if len(texts) > limit:
         raise ProtocolError(413, f"`input` holds {len(texts)} items; at most {limit} per request", param="input")
     for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not text:
             raise ProtocolError(400, f"`input[{index}]` must be a non-empty string", param=f"input[{index}]")
+    if not any(text.strip() for text in texts):
+        name = "input" if isinstance(value, str) else "input[0]"
+        raise ProtocolError(400, f"`{name}` must be a non-empty string (not only whitespace)", param=name)
     return texts
 
 
@@ -146,7 +164,11 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 
 async def create_embeddings(request: Request, service: t.Any) -> dict:
     body = await read_json(request, EmbeddingsRequest)
-    texts = texts_from_input(body.input, service.engine.config.max_items_per_request)
+    limit = openai_max_inputs(service.spec)
+    value = body.input
+    if token_ids.is_token_input(value):
+        value = await token_ids.decode_token_input(value, body.model, service.spec, limit)
+    texts = texts_from_input(value, limit)
     vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions)
     return {
         "object": "list",
@@ -239,6 +261,7 @@ PROTOCOL_ROUTES = {"text_embedding": EMBEDDING_ROUTES, "image_embedding": EMBEDD
 
 
 def protocol_app(spec: ServiceSpec) -> Starlette:
+    openai_max_inputs(spec)  # a wrong setting stops the start-up
     return Starlette(routes=PROTOCOL_ROUTES[spec.kind])
 
 
