@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from embed_http import protocols
+from embed_http import protocols, tei
 from embed_http.io import (
     FORM_TYPES,
     JSON_MEDIA_TYPES,
@@ -64,6 +64,7 @@ from embed_http.io import (
     require_text,
     require_texts,
 )
+from embed_http.truncation import TokenizedText, TokenizeResponse, TruncationDirection
 from runners.config import int_setting
 from runners.errors import InputError
 from runners.images import ImageSettings
@@ -89,21 +90,54 @@ class TextEmbedding(ServiceBase):
     @bentoml.api(route="/embed/text")
     @json_errors
     async def embed_text(
-        self, text: NonBlankText, instruction: t.Optional[str] = None, dimensions: Dimensions = None
+        self,
+        text: NonBlankText,
+        instruction: t.Optional[str] = None,
+        dimensions: Dimensions = None,
+        truncate: Flag = True,
+        truncation_direction: TruncationDirection = "right",
     ) -> EmbeddingResponse:
         """Embed one text. Concurrent calls are merged into shared forward passes."""
-        [vector] = await self.engine.embed([require_text(text, "text")], instruction, dimensions)
+        texts = [require_text(text, "text")]
+        [vector], _ = await self.engine.embed_counted(
+            texts, instruction, dimensions, truncate, truncation_direction, names=["text"]
+        )
         return EmbeddingResponse(embedding=vector, dimension=len(vector))
 
     @bentoml.api(route="/embed/texts")
     @json_errors
     async def embed_texts(
-        self, texts: NonBlankTexts, instruction: t.Optional[str] = None, dimensions: Dimensions = None
+        self,
+        texts: NonBlankTexts,
+        instruction: t.Optional[str] = None,
+        dimensions: Dimensions = None,
+        truncate: Flag = True,
+        truncation_direction: TruncationDirection = "right",
     ) -> EmbeddingsResponse:
         """Embed several texts; the vectors come back in input order."""
         texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
-        vectors = await self.engine.embed(texts, instruction, dimensions)
+        names = [f"texts[{index}]" for index in range(len(texts))]
+        vectors, _ = await self.engine.embed_counted(
+            texts, instruction, dimensions, truncate, truncation_direction, names=names
+        )
         return EmbeddingsResponse(embeddings=vectors, dimension=len(vectors[0]))
+
+    @bentoml.api(route="/tokenize/texts")
+    @json_errors
+    async def tokenize_texts(
+        self,
+        texts: NonBlankTexts,
+        instruction: t.Optional[str] = None,
+        truncation_direction: TruncationDirection = "right",
+    ) -> TokenizeResponse:
+        """The tokens the model reads for each text (its prompt with the instruction, special tokens, after
+        truncation), so that a client can cut long texts by the model's own tokens."""
+        texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
+        prompts = [self.engine.prompt(text, instruction) for text in texts]
+        encoded = await self.engine.tokenize(prompts, truncation_direction=truncation_direction)
+        return TokenizeResponse(
+            results=[TokenizedText(ids=item["ids"], tokens=item["tokens"], count=len(item["ids"])) for item in encoded]
+        )
 
 
 class Reranking(ServiceBase):
@@ -296,6 +330,8 @@ def build_service(spec: ServiceSpec) -> t.Any:
     # The OpenAI / Cohere-compatible routes (embed_http/protocols.py), their error shape, and the optional API key
     # (middleware added first wraps the later ones: the key check's 401 is reshaped on /v1 too).
     svc.mount_asgi_app(protocols.protocol_app(spec), path="/", name="protocols")
+    if spec.kind == "text_embedding":  # TEI's API (embed_http/tei.py); its POST /embed is apart from /embed/text
+        svc.mount_asgi_app(Starlette(routes=tei.TEI_ROUTES), path="/", name="tei")
     svc.add_asgi_middleware(protocols.ProtocolErrors)
     svc.add_asgi_middleware(protocols.ApiKeyAuth, spec=spec)
     return svc

@@ -127,6 +127,9 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: t.Literal["float", "base64"] = "float"
     dimensions: t.Optional[StrictInt] = None
     instruction: t.Optional[StrictStr] = None  # not OpenAI's: a task instruction for queries (Qwen3, BGE)
+    # Not OpenAI's either: what happens to a text over max_length tokens (embed_http/truncation.py).
+    truncate: StrictBool = True
+    truncation_direction: t.Literal["right", "left"] = "right"
 
 
 @functools.lru_cache
@@ -169,7 +172,14 @@ async def create_embeddings(request: Request, service: t.Any) -> dict:
     if token_ids.is_token_input(value):
         value = await token_ids.decode_token_input(value, body.model, service.spec, limit)
     texts = texts_from_input(value, limit)
-    vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions)
+    options: dict[str, t.Any] = {}
+    if not body.truncate or body.truncation_direction != "right":
+        if service.spec.kind != "text_embedding":
+            message = "`truncate` and `truncation_direction` are for the text services; SigLIP2 cuts at the end"
+            raise ProtocolError(400, message, param="truncate")
+        names = ["input"] if isinstance(value, str) else [f"input[{index}]" for index in range(len(texts))]
+        options = {"truncate": body.truncate, "truncation_direction": body.truncation_direction, "names": names}
+    vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions, **options)
     return {
         "object": "list",
         "data": [
