@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import typing as t
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-TruncationDirection = t.Annotated[t.Literal["right", "left"], Field(strict=True)]
+TruncationDirection = t.Literal["right", "left"]  # a Literal is strict already: only these strings
 
 
 class TokenizedText(BaseModel):

@@ -158,7 +158,9 @@ def bge_dir(tmp_path_factory) -> Path:
         *"abcdefghijklmnopqrstuvwxyz0123456789",
     ]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
+    # The vocabulary itself, not vocab_file: transformers 5 ignores vocab_file here (every character became [UNK]).
+    tokenizer = BertTokenizerFast(vocab={token: index for index, token in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
     torch.manual_seed(2)
     config = BertConfig(
         vocab_size=len(vocab),
