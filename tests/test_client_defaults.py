@@ -5,14 +5,13 @@
 - huggingface_hub's InferenceClient against TEI's POST /embed (plus /tokenize and /info in TEI's shapes);
 - per-request truncation (truncate=false, truncation_direction=left) and /tokenize/texts on every text path.
 
-No network: tiktoken's cl100k_base file is replaced by a tiny encoding built here (all 256 bytes plus a few
+No network: tiktoken's cl100k_base file is replaced by a tiny encoding (conftest.py: all 256 bytes plus a few
 merges, with cl100k_base's own pattern and special tokens), given to the service in EMBED_TIKTOKEN_DIR and to
 the client process through tiktoken's own constructor.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 
 import httpx
@@ -23,62 +22,27 @@ import tiktoken
 import tiktoken.registry
 import tiktoken_ext.openai_public
 import torch
-from conftest import BGE_VOCAB_TEXT, serve
+from conftest import BGE_SERVED_MAX_LENGTH, BGE_VOCAB_TEXT, TIKTOKEN_WORDS, tiny_cl100k_ranks
 from test_embedding_recipes import bge_reference
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.serve
 
-MAX_LENGTH = 16  # BGE_EMBED_MAX_LENGTH for this server: [CLS], 14 characters, [SEP]
+MAX_LENGTH = BGE_SERVED_MAX_LENGTH
 CHARS = list(dict.fromkeys(BGE_VOCAB_TEXT))  # each one a token of the tiny BGE's vocabulary
-TEXTS = ["一只橙色的猫在阳光下晒太阳", "黑狗在草地上奔跑", "可爱的猫咪在睡觉", "猫"]
+TEXTS = TIKTOKEN_WORDS[:4]
 LONG = "".join(CHARS[:40])  # 40 tokens + [CLS] and [SEP]
 
 
-def tiny_ranks() -> dict[bytes, int]:
-    """A byte-level BPE vocabulary: every byte, then each test word grown one byte at a time (each merge is
-    two earlier tokens, as BPE needs). Any text encodes, and decoding gives it back exactly."""
-    ranks = {bytes([value]): value for value in range(256)}
-    for word in TEXTS + ["一只橙色", " the cat"]:
-        encoded = word.encode("utf-8")
-        for end in range(2, len(encoded) + 1):
-            ranks.setdefault(encoded[:end], len(ranks))
-    return ranks
-
-
-def write_tiktoken_file(path, ranks: dict[bytes, int]) -> None:
-    """tiktoken's file format: one `base64(token) rank` per line."""
-    lines = [
-        f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
-    ]
-    path.write_text("\n".join(lines) + "\n")
-
-
 @pytest.fixture(scope="module")
-def tiktoken_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiktoken")
-    write_tiktoken_file(directory / "cl100k_base.tiktoken", tiny_ranks())
-    return directory
-
-
-@pytest.fixture(scope="module")
-def bge(bge_dir, tiktoken_dir, tmp_path_factory):
-    env = {
-        "BGE_EMBED_MODEL": str(bge_dir),
-        "BGE_EMBED_MAX_LENGTH": str(MAX_LENGTH),
-        "EMBED_TIKTOKEN_DIR": str(tiktoken_dir),
-        # Any other encoding is not there: an empty tiktoken cache, and downloads go nowhere.
-        "TIKTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("tiktoken-cache")),
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "HTTP_PROXY": "http://127.0.0.1:9",
-    }
-    yield from serve("BgeEmbed", env, tmp_path_factory.mktemp("logs") / "bge_client_defaults.log")
+def bge(bge_served):
+    return bge_served
 
 
 @pytest.fixture
 def client_cl100k(monkeypatch):
     """The client process's cl100k_base: tiktoken's own constructor, with the tiny ranks instead of the download."""
-    ranks = tiny_ranks()
+    ranks = tiny_cl100k_ranks()
     monkeypatch.setattr(tiktoken_ext.openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: ranks)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     encoding = tiktoken.get_encoding("cl100k_base")
@@ -224,9 +188,12 @@ def test_tokenize_gives_the_models_own_tokens(bge, bge_dir):
 # -- TEI's API -------------------------------------------------------------------------------------------------
 
 
-def test_huggingface_hub_inference_client_embeds_through_tei_embed(bge):
+def test_huggingface_hub_inference_client_embeds_through_tei_embed(bge, monkeypatch):
+    import huggingface_hub.constants
     from huggingface_hub import InferenceClient
 
+    # CI runs with HF_HUB_OFFLINE=1 (no hub); this client only reaches the local server.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     client = InferenceClient(model=f"{bge.url}/embed")
     vectors = client.feature_extraction(TEXTS)
     np.testing.assert_allclose(vectors, text_vectors(bge, TEXTS), atol=1e-5)

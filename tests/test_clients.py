@@ -42,9 +42,8 @@ def rerank_4b(zimage_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bge(bge_dir, tmp_path_factory):
-    env = {"BGE_EMBED_MODEL": str(bge_dir), **own_home(tmp_path_factory)}
-    yield from serve("BgeEmbed", env, tmp_path_factory.mktemp("logs") / "bge_clients.log")
+def bge(bge_served):
+    return bge_served  # shared with tests/test_client_defaults.py (conftest.py)
 
 
 @pytest.fixture(scope="module")
