@@ -27,12 +27,22 @@ def client_error_status(exc: BaseException | None) -> int | None:
     return None
 
 
+def describe(exc: BaseException) -> str:
+    """What was wrong, without the values sent (a client's texts stay out of the log)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        wrong = exc.errors(include_input=False, include_url=False)
+        return "; ".join(f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in wrong)
+    return str(exc)
+
+
 class ClientErrorsAsWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         status = client_error_status(exc)
         if status is not None:
-            reason = " ".join(str(exc).split())  # one line: pydantic's message spans several
+            reason = " ".join(describe(exc).split())  # one line: pydantic's message spans several
             record.msg = f"{record.getMessage()}: client error {status}: {type(exc).__name__}: {reason}"
             record.args = ()
             record.exc_info = record.exc_text = None

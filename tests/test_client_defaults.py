@@ -262,11 +262,12 @@ def test_server_errors_keep_their_level_and_traceback():
         top_k: int
 
     try:
-        Model(top_k="x")
+        Model(top_k="a private text")
     except ValidationError as exc:
         client = record_for(exc)
     server = record_for(RuntimeError("boom"))
     for record in (client, server):
         assert ClientErrorsAsWarnings().filter(record)
     assert client.levelno == logging.WARNING and client.exc_info is None and "\n" not in client.getMessage()
+    assert "top_k" in client.getMessage() and "private" not in client.getMessage()  # what was wrong, not what was sent
     assert server.levelno == logging.ERROR and server.exc_info is not None
