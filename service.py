@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from embed_http import clients, protocols
+from embed_http import clients, protocols, tei
 from embed_http.errors import json_errors
 from embed_http.forms import (
     FORM_TYPES,
@@ -62,6 +62,7 @@ from embed_http.schemas import (
     require_text,
     require_texts,
 )
+from embed_http.truncation import TokenizedText, TokenizeResponse, TruncationDirection
 from runners.config import int_setting
 from runners.images import ImageSettings
 from runners.table import SERVICES, ServiceSpec
@@ -88,11 +89,13 @@ class ServiceBase:
         from runners.loading import check_model_files
 
         json_body_limit(spec)
+        protocols.openai_max_inputs(spec)
         return check_model_files(RunnerConfig.from_env(spec))
 
 
 class TextEmbedding(ServiceBase):
-    protocol_routes = protocols.EMBEDDING_ROUTES
+    # OpenAI's routes, and TEI's API (embed_http/tei.py; its POST /embed is apart from the seed's /embed/text).
+    protocol_routes = [*protocols.EMBEDDING_ROUTES, *tei.TEI_ROUTES]
     engine: TextEncoder
 
     def __init__(self) -> None:
@@ -113,21 +116,55 @@ class TextEmbedding(ServiceBase):
     @bentoml.api(route="/embed/text")
     @json_errors
     async def embed_text(
-        self, text: NonBlankText, instruction: t.Optional[str] = None, dimensions: Dimensions = None
+        self,
+        text: NonBlankText,
+        instruction: t.Optional[str] = None,
+        dimensions: Dimensions = None,
+        truncate: Flag = True,
+        truncation_direction: TruncationDirection = "right",
     ) -> EmbeddingResponse:
         """Embed one text. Concurrent calls are merged into shared forward passes."""
-        [vector] = await self.engine.embed([require_text(text, "text")], instruction, dimensions)
+        texts = [require_text(text, "text")]
+        [vector], _ = await self.engine.embed_counted(
+            texts, instruction, dimensions, truncate, truncation_direction, names=["text"]
+        )
         return EmbeddingResponse(embedding=vector, dimension=len(vector))
 
     @bentoml.api(route="/embed/texts")
     @json_errors
     async def embed_texts(
-        self, texts: NonBlankTexts, instruction: t.Optional[str] = None, dimensions: Dimensions = None
+        self,
+        texts: NonBlankTexts,
+        instruction: t.Optional[str] = None,
+        dimensions: Dimensions = None,
+        truncate: Flag = True,
+        truncation_direction: TruncationDirection = "right",
     ) -> EmbeddingsResponse:
         """Embed several texts; the vectors come back in input order."""
         texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
-        vectors = await self.engine.embed(texts, instruction, dimensions)
+        names = [f"texts[{index}]" for index in range(len(texts))]
+        vectors, _ = await self.engine.embed_counted(
+            texts, instruction, dimensions, truncate, truncation_direction, names=names
+        )
         return EmbeddingsResponse(embeddings=vectors, dimension=len(vectors[0]))
+
+    @bentoml.api(route="/tokenize/texts")
+    @json_errors
+    async def tokenize_texts(
+        self,
+        texts: NonBlankTexts,
+        instruction: t.Optional[str] = None,
+        truncation_direction: TruncationDirection = "right",
+    ) -> TokenizeResponse:
+        """The tokens the model reads for each text (its prompt with the instruction, special tokens, after
+        truncation), so that a client can cut long texts by the model's own tokens."""
+        texts = require_texts(texts, "texts", self.engine.config.max_items_per_request)
+        encoded = await self.engine.tokenize(
+            self.engine.prompts(texts, instruction), truncation_direction=truncation_direction
+        )
+        return TokenizeResponse(
+            results=[TokenizedText(ids=item["ids"], tokens=item["tokens"], count=len(item["ids"])) for item in encoded]
+        )
 
 
 class Reranking(ServiceBase):
@@ -263,7 +300,10 @@ def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None
     @functools.wraps(init)
     def __init__(self: t.Any) -> None:
         init(self)
+        from embed_http.logs import log_client_errors_as_warnings
         from runners.metrics import PrometheusBatchMetrics
+
+        log_client_errors_as_warnings()  # BentoML's validation 400s: one WARNING line, not an ERROR traceback
 
         self.engine.batcher.observer = PrometheusBatchMetrics(self.spec.seed_name)
         gc.collect()  # what start-up left as garbage goes now, not into the frozen generation

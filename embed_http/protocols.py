@@ -13,6 +13,7 @@ validates its own JSON (so every answer is in the protocol's shape) and calls th
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import time
 import typing as t
@@ -25,14 +26,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from embed_http import token_ids
 from embed_http.errors import STATUS, openai_errors
-from embed_http.schemas import Dimensions, Flag, TopK, require_items, require_positive, require_text, require_texts
+from embed_http.schemas import Dimensions, Flag, TopK, require_items, require_positive, require_text
+from runners.config import int_setting
 from runners.errors import InputError
 
 if t.TYPE_CHECKING:
     from runners.contract import Embedder, Ranker
     from runners.table import ServiceSpec
 
+OPENAI_MAX_INPUTS = 2048  # OpenAI's own limit on /v1/embeddings (LangChain sends 1000 at once by default)
 OWNER = "embed-services"
 STARTED = int(time.time())
 
@@ -95,20 +99,39 @@ def model_id(service: Served) -> str:
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients add fields of their own (e.g. `user`)
 
-    input: t.Any = None  # checked by input_texts and require_texts, for messages that say what is wrong
+    input: t.Any = None  # checked by input_texts, for messages that say what is wrong
     model: t.Optional[str] = None  # any name is accepted; the service has one model
     encoding_format: t.Literal["float", "base64"] = "float"
     dimensions: Dimensions = None
     instruction: t.Optional[str] = None  # not OpenAI's: a task instruction for queries (Qwen3, BGE)
+    # Not OpenAI's either: what happens to a text over max_length tokens (embed_http/truncation.py).
+    truncate: Flag = True
+    truncation_direction: t.Literal["right", "left"] = "right"
 
 
-def input_texts(value: t.Any) -> list[t.Any]:
-    """OpenAI's `input`, one string or a list, as a list (require_texts checks the rest, as on /embed/texts)."""
+@functools.lru_cache
+def openai_max_inputs(spec: ServiceSpec) -> int:
+    """Inputs per request on /v1/embeddings: OpenAI's 2048 unless `<NAME>_OPENAI_MAX_INPUTS` says otherwise
+    (the seed paths keep MAX_ITEMS_PER_REQUEST; the batcher cuts forward passes by tokens either way)."""
+    return int_setting(spec, "OPENAI_MAX_INPUTS", OPENAI_MAX_INPUTS)
+
+
+def input_texts(value: t.Any, limit: int) -> list[str]:
+    """OpenAI's `input`, one string or a list, checked as OpenAI does: an empty string is refused; a blank item
+    (" ", "\n") in a batch is embedded as sent. A request with nothing but blank text is refused, as on the seed
+    paths (require_text)."""
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list):
         raise InputError("`input` must be a string or a non-empty list of strings", param="input")
     if any(isinstance(item, (int, list)) for item in texts):
-        raise InputError("`input` as token ids is not supported; send the text itself", param="input")
+        message = "`input` mixes strings and token ids; send a list of strings or a list of token-id lists"
+        raise InputError(message, param="input")
+    require_items(texts, "input", limit)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise InputError(f"`input[{index}]` must be a non-empty string", param=f"input[{index}]")
+    if not any(text.strip() for text in texts):
+        require_text(texts[0], "input" if isinstance(value, str) else "input[0]")
     return texts
 
 
@@ -120,8 +143,19 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 
 async def create_embeddings(request: Request, service: EmbeddingService) -> dict:
     body = await read_json(request, EmbeddingsRequest)
-    texts = require_texts(input_texts(body.input), "input", service.engine.config.max_items_per_request)
-    vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions)
+    limit = openai_max_inputs(service.spec)
+    value = body.input
+    if token_ids.is_token_input(value):
+        value = await token_ids.decode_token_input(value, body.model, service.spec, limit)
+    texts = input_texts(value, limit)
+    options: dict[str, t.Any] = {}
+    if not body.truncate or body.truncation_direction != "right":
+        if service.spec.kind != "text_embedding":
+            message = "`truncate` and `truncation_direction` are for the text services; SigLIP2 cuts at the end"
+            raise InputError(message, param="truncate")
+        names = ["input"] if isinstance(value, str) else [f"input[{index}]" for index in range(len(texts))]
+        options = {"truncate": body.truncate, "truncation_direction": body.truncation_direction, "names": names}
+    vectors, tokens = await service.engine.embed_counted(texts, body.instruction, body.dimensions, **options)
     return {
         "object": "list",
         "data": [

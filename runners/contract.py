@@ -41,6 +41,26 @@ class TextEncoder(Embedder, Protocol):
         self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
     ) -> list[list[float]]: ...
 
+    async def embed_counted(
+        self,
+        texts: list[str],
+        instruction: str | None = None,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        truncation_direction: str = "right",
+        names: list[str] | None = None,
+    ) -> tuple[list[list[float]], int]: ...
+
+    def prompts(self, texts: list[str], instruction: str | None = None) -> list[str]: ...
+
+    async def tokenize(
+        self,
+        prompts: list[str],
+        names: list[str] | None = None,
+        truncate: bool = True,
+        truncation_direction: str = "right",
+    ) -> list[dict[str, Any]]: ...
+
 
 class ImageEncoder(Embedder, Protocol):
     """An image-text model (SigLIP2): images and texts into one space, and its own match score."""

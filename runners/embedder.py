@@ -6,14 +6,17 @@ Serves BGE (CLS), Qwen3-Embedding (last token) and a Qwen3 language model used a
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
+import threading
 from typing import Any
 
 import torch
 
 from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher
 from .config import RunnerConfig
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
 from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
 from .packed import packed_forward_for, pooled_final_hidden
 from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
@@ -77,6 +80,9 @@ class TextEmbedder:
         self.max_length = token_limit(config.max_length, own.max_seq_length or spec.default_max_length, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
+        # Per-request truncation and /tokenize use a copy of the tokenizer, one call at a time: a call sets the
+        # tokenizer's truncation state, which must not change under the batcher's thread.
+        self._exact_tokenizer, self._exact_lock = copy.deepcopy(tokenizer), threading.Lock()
         # Architectures with a padding-free forward (packed sequences) run it; others run padded.
         self.packed = packed_forward_for(model, config, self.device)
         self.batcher: Batcher[str, tuple[torch.Tensor, int]] = runner_batcher(self._embed_batch, spec, config)
@@ -121,23 +127,93 @@ class TextEmbedder:
         return vectors
 
     async def embed_counted(
-        self, texts: list[str], instruction: str | None = None, dimensions: int | None = None
+        self,
+        texts: list[str],
+        instruction: str | None = None,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        truncation_direction: str = "right",
+        names: list[str] | None = None,
     ) -> tuple[list[list[float]], int]:
-        """embed(), plus the number of tokens the model read (prompt, special tokens, after truncation)."""
+        """embed(), plus the number of tokens the model read (prompt, special tokens, after truncation).
+
+        A text over max_length tokens is cut at the end; with truncation_direction="left" its end is kept, and
+        with truncate=False it is refused (413, naming it from `names`, with its token count)."""
         size = self.check_dimensions(dimensions)
-        if not instruction or not instruction.strip():
-            instruction = self.default_instruction
-        results = await self.batcher.submit([self.prompt(text, instruction) for text in texts])
+        prompts = self.prompts(texts, instruction)
+        if truncate and truncation_direction == "right":  # the default: the batcher's thread tokenizes
+            results = await self.batcher.submit(prompts)
+        else:
+            encoded = await self.tokenize(prompts, names, truncate, truncation_direction)
+            results = await self.batcher.submit([item["ids"] for item in encoded])
         stacked = torch.stack([vector for vector, _ in results])
         if size != self.dimension:  # Matryoshka: keep the leading dimensions, then normalize again
             stacked = torch.nn.functional.normalize(stacked[:, :size], dim=-1)
         return stacked.tolist(), sum(tokens for _, tokens in results)
 
+    def prompts(self, texts: list[str], instruction: str | None = None) -> list[str]:
+        """What the model reads for each text: its prompt, with the model's default instruction when none is sent."""
+        if not instruction or not instruction.strip():
+            instruction = self.default_instruction
+        return [self.prompt(text, instruction) for text in texts]
+
     # -- the model side (runs in the batcher's worker thread) ------------------------------------------
 
-    def _embed_batch(self, texts: list[str]) -> list[tuple[torch.Tensor, int]]:
-        """Each text's vector and its token count (counted here, from the tokenization the model reads)."""
-        token_ids = self._tokenize(texts)
+    async def tokenize(
+        self,
+        prompts: list[str],
+        names: list[str] | None = None,
+        truncate: bool = True,
+        truncation_direction: str = "right",
+    ) -> list[dict[str, Any]]:
+        """What the model reads for each prompt: {"ids", "tokens", "special", "offsets" (characters of the prompt,
+        None for added tokens)}, truncated as asked (truncate=False: a 413 for a prompt over max_length)."""
+        names = names or [f"texts[{index}]" for index in range(len(prompts))]
+        return await asyncio.to_thread(self._tokenize_exact, prompts, names, truncate, truncation_direction)
+
+    def _tokenize_exact(self, prompts: list[str], names: list[str], truncate: bool, side: str) -> list[dict[str, Any]]:
+        appends = self.end_id is not None and not self.tokenizer_appends_end
+        room = self.max_length - (1 if appends else 0)
+        longest = self.max_length * MAX_CHARS_PER_TOKEN
+        results = []
+        with self._exact_lock:
+            tokenizer = self._exact_tokenizer
+            tokenizer.truncation_side = side
+            for prompt, name in zip(prompts, names, strict=True):
+                if not truncate:
+                    count = len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) + (1 if appends else 0)
+                    if count > self.max_length:
+                        message = f"`{name}` is {count} tokens long; this model reads at most {self.max_length}"
+                        raise InputError(message, status=413, param=name)
+                # As _tokenize: a text far over the limit is cut by characters first (from the side that goes).
+                shift = max(0, len(prompt) - longest) if side == "left" else 0
+                text = prompt[shift:] if side == "left" else prompt[:longest]
+                encoded = tokenizer(
+                    text,
+                    add_special_tokens=True,
+                    truncation=True,
+                    max_length=room,
+                    return_offsets_mapping=True,
+                    return_special_tokens_mask=True,
+                )
+                ids = list(encoded["input_ids"])
+                special = [bool(flag) for flag in encoded["special_tokens_mask"]]
+                offsets = [
+                    None if flag else (start + shift, stop + shift)
+                    for flag, (start, stop) in zip(special, encoded["offset_mapping"], strict=True)
+                ]
+                if appends:
+                    ids, special, offsets = ids + [self.end_id], special + [True], offsets + [None]
+                tokens = tokenizer.convert_ids_to_tokens(ids)
+                results.append({"ids": ids, "tokens": tokens, "special": special, "offsets": offsets})
+        return results
+
+    def _embed_batch(self, texts: list[str | list[int]]) -> list[tuple[torch.Tensor, int]]:
+        """Each text's vector and its token count (counted here, from the tokenization the model reads). Items
+        tokenized already (per-request truncation) are read as they are."""
+        strings = [text for text in texts if isinstance(text, str)]
+        fresh = iter(self._tokenize(strings) if strings else [])
+        token_ids = [next(fresh) if isinstance(text, str) else text for text in texts]
         return list(zip(self.embed_token_ids(token_ids), (len(ids) for ids in token_ids), strict=True))
 
     def embed_token_ids(self, token_ids: list[list[int]]) -> list[torch.Tensor]:

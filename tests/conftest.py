@@ -158,7 +158,9 @@ def bge_dir(tmp_path_factory) -> Path:
         *"abcdefghijklmnopqrstuvwxyz0123456789",
     ]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
+    # The vocabulary itself, not vocab_file: transformers 5 ignores vocab_file here (every character became [UNK]).
+    tokenizer = BertTokenizerFast(vocab={token: index for index, token in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
     torch.manual_seed(2)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -356,3 +358,46 @@ def serve_tiny(request: pytest.FixtureRequest, seed_name: str, tmp_path_factory,
     for served in serve(spec.class_name, {spec.model_env: str(model), "EMBED_QUANTIZATION": "none", **env}, log_path):
         served.seed_name = seed_name
         yield served
+
+
+# -- one BGE server for the client tests (tests/test_clients.py, tests/test_client_defaults.py) --------------
+
+BGE_SERVED_MAX_LENGTH = 16  # BGE_EMBED_MAX_LENGTH there: [CLS], 14 characters, [SEP]
+TIKTOKEN_WORDS = ["一只橙色的猫在阳光下晒太阳", "黑狗在草地上奔跑", "可爱的猫咪在睡觉", "猫", " the cat"]
+
+
+def tiny_cl100k_ranks() -> dict[bytes, int]:
+    """A stand-in for tiktoken's cl100k_base ranks (no network here): every byte, then each word above grown one
+    byte at a time (each merge joins two earlier tokens, as BPE needs). Any text encodes and decodes back."""
+    ranks = {bytes([value]): value for value in range(256)}
+    for word in TIKTOKEN_WORDS:
+        encoded = word.encode("utf-8")
+        for end in range(2, len(encoded) + 1):
+            ranks.setdefault(encoded[:end], len(ranks))
+    return ranks
+
+
+@pytest.fixture(scope="session")
+def tiktoken_dir(tmp_path_factory) -> Path:
+    """A folder with cl100k_base.tiktoken in tiktoken's file format (one `base64(token) rank` per line)."""
+    import base64
+
+    directory = tmp_path_factory.mktemp("tiktoken")
+    ranks = sorted(tiny_cl100k_ranks().items(), key=lambda item: item[1])
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in ranks]
+    (directory / "cl100k_base.tiktoken").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def bge_served(bge_dir, tiktoken_dir, tmp_path_factory) -> Iterator[Served]:
+    env = {
+        "BGE_EMBED_MODEL": str(bge_dir),
+        "BGE_EMBED_MAX_LENGTH": str(BGE_SERVED_MAX_LENGTH),
+        "EMBED_TIKTOKEN_DIR": str(tiktoken_dir),
+        # Any other encoding is not there: an empty tiktoken cache, and downloads go nowhere.
+        "TIKTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("tiktoken-cache")),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    yield from serve("BgeEmbed", env, tmp_path_factory.mktemp("logs") / "bge_clients.log")

@@ -41,9 +41,8 @@ def rerank_4b(zimage_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bge(bge_dir, tmp_path_factory):
-    env = {"BGE_EMBED_MODEL": str(bge_dir), **own_home(tmp_path_factory)}
-    yield from serve("BgeEmbed", env, tmp_path_factory.mktemp("logs") / "bge_clients.log")
+def bge(bge_served):
+    return bge_served  # shared with tests/test_client_defaults.py (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +82,34 @@ def test_cohere_client_raises_on_bad_input(rerank_4b):
     with pytest.raises(cohere.errors.BadRequestError) as failure:
         co.rerank(model="m", query="  ", documents=["a"])
     assert failure.value.body["error"]["param"] == "query"
+
+
+# -- Jina's clients ------------------------------------------------------------------------------------------
+
+
+def test_langchain_jina_rerank_reranks_and_shows_the_services_message(rerank_4b, expected_scores, monkeypatch):
+    """LangChain-community's JinaRerank posts to its module's JINA_API_URL and raises RuntimeError(body["detail"])
+    on any answer without results (LlamaIndex's JinaRerank reads the same field)."""
+    from langchain_community.document_compressors import jina_rerank
+
+    monkeypatch.setattr(jina_rerank, "JINA_API_URL", f"{rerank_4b.url}/v1/rerank")
+    reranker = jina_rerank.JinaRerank(jina_api_key="unused", model="qwen3_4b_rerank")
+    results = reranker.rerank(DOCUMENTS, QUERY, top_n=3)
+    assert [result["index"] for result in results] == best_first(expected_scores)[:3]
+    assert all(abs(r["relevance_score"] - expected_scores[r["index"]]) < 1e-4 for r in results)
+    with pytest.raises(RuntimeError) as failure:
+        reranker.rerank(["a"] * (ITEM_LIMIT + 1), QUERY)
+    assert str(failure.value) == f"`documents` holds {ITEM_LIMIT + 1} items; at most {ITEM_LIMIT} per request"
+
+
+def test_a_validation_400_on_rerank_is_one_warning_line(rerank_4b):
+    before = rerank_4b.log_path.read_text(errors="replace")
+    refused = rerank_4b.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS, "top_k": "2"})
+    assert refused.status_code == 400
+    assert rerank_4b.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS[:1]}).status_code == 200
+    added = rerank_4b.log_path.read_text(errors="replace")[len(before) :]
+    assert "client error 400" in added and "/rerank" in added, added
+    assert "Traceback" not in added and "ERROR" not in added, added
 
 
 # -- the /v1/rerank shape over plain HTTP -------------------------------------------------------------------

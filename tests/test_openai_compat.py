@@ -40,6 +40,7 @@ def qwen3_8b(qwen3_embedding_dir, tmp_path_factory):
         "EMBED_API_KEY": API_KEY,
         "EMBED_MAX_ITEMS_PER_REQUEST": str(ITEM_LIMIT),
         "EMBED_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
+        "EMBED_OPENAI_MAX_INPUTS": str(ITEM_LIMIT),
         **own_home(tmp_path_factory),
     }
     yield from serve("Qwen3Embed8B", env, tmp_path_factory.mktemp("logs") / "qwen3_8b_openai.log")
@@ -133,10 +134,11 @@ def test_models_list_and_retrieve(client):
 
 OPENAI_BAD_INPUT = [
     ("empty string", {"input": ""}, 400, "input[0]"),
-    ("blank string in a list", {"input": ["ok", "  "]}, 400, "input[1]"),
+    ("empty string in a list", {"input": ["ok", ""]}, 400, "input[1]"),
+    ("only blank strings", {"input": ["  ", "\n"]}, 400, "input[0]"),
     ("empty list", {"input": []}, 400, "input"),
-    ("token ids", {"input": [1, 2, 3]}, 400, "input"),
-    ("token id lists", {"input": [[1, 2], [3]]}, 400, "input"),
+    ("token ids and strings", {"input": ["a", [1, 2]]}, 400, "input"),
+    ("an empty token id list", {"input": [[1, 2], []]}, 400, "input[1]"),
     ("dimensions out of range", {"input": "a", "dimensions": 8}, 400, "dimensions"),
     ("too many inputs", {"input": ["a"] * (ITEM_LIMIT + 1)}, 413, "input"),
 ]

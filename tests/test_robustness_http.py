@@ -116,7 +116,7 @@ def by_original_index(body: dict[str, Any]) -> list[list[float]]:
     return [[result["original_index"], result["score"]] for result in results]
 
 
-EMBED_OPTIONS: dict[str, type] = {"instruction": str, "dimensions": int}
+EMBED_OPTIONS: dict[str, type] = {"instruction": str, "dimensions": int, "truncate": bool}
 
 KIND_ENDPOINTS: dict[str, list[Endpoint]] = {
     "text_embedding": [
@@ -133,6 +133,16 @@ KIND_ENDPOINTS: dict[str, list[Endpoint]] = {
             answer=lambda body: body["embeddings"],
             fields={"texts": "texts"},
             options=EMBED_OPTIONS,
+        ),
+        Endpoint(
+            "/tokenize/texts",
+            {"texts": ["an orange cat", "一只橙色的猫"]},
+            # Numbers of one length per text (answers are compared as tensors): the count and a digest of the ids.
+            answer=lambda body: [
+                [float(n) for n in (r["count"], sum(r["ids"]), r["ids"][0], r["ids"][-1])] for r in body["results"]
+            ],
+            fields={"texts": "texts"},
+            options={"instruction": str},
         ),
     ],
     "rerank": [
@@ -203,6 +213,10 @@ def served(request, tmp_path_factory):
         "EMBED_MAX_IMAGES_PER_REQUEST": str(IMAGE_LIMIT),
         "EMBED_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
         "EMBED_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS),
+        "EMBED_OPENAI_MAX_INPUTS": str(ITEM_LIMIT),
+        # Token-id input needs tiktoken's encoding: none is cached here and downloads go nowhere (a fast 400).
+        "TIKTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("tiktoken-cache")),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
     }
     yield from serve_tiny(request, request.param, tmp_path_factory, **limits)
 
@@ -255,6 +269,7 @@ def test_fuzzing_finds_no_server_error_and_no_answer_outside_the_schema(served, 
 # written here from the OpenAI embeddings/models and Cohere rerank API references, and fuzzed the same way.
 # Optional fields take null as "not given", as on the seed paths (clients differ in which they send).
 NON_BLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}
+TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 OPENAI_ERROR = {
     "type": "object",
     "required": ["error"],
@@ -285,7 +300,17 @@ EMBEDDINGS_REQUEST = {
     "type": "object",
     "required": ["input"],
     "properties": {
-        "input": {"oneOf": [NON_BLANK, {"type": "array", "items": NON_BLANK, "minItems": 1, "maxItems": ITEM_LIMIT}]},
+        # As OpenAI: a blank item in a batch is embedded (an empty one is not), and token ids are taken too.
+        "input": {
+            "oneOf": [
+                NON_BLANK,
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": ITEM_LIMIT},
+                {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                {"type": "array", "items": TOKEN_IDS, "minItems": 1, "maxItems": ITEM_LIMIT},
+            ]
+        },
+        "truncate": {"type": "boolean"},
+        "truncation_direction": {"enum": ["right", "left"]},
         "model": {"type": "string", "nullable": True},
         "encoding_format": {"enum": ["float", "base64"]},
         "dimensions": {"type": "integer", "nullable": True},

@@ -1,0 +1,273 @@
+"""The clients people already use, at their defaults, against a real `bentoml serve` (tiny BGE):
+
+- LangChain's OpenAIEmbeddings, which tokenizes with tiktoken (cl100k_base) and sends token ids, 1000 at a time;
+- the openai client with OpenAI's 2048 inputs per request;
+- huggingface_hub's InferenceClient against TEI's POST /embed (plus /tokenize and /info in TEI's shapes);
+- per-request truncation (truncate=false, truncation_direction=left) and /tokenize/texts on every text path.
+
+No network: tiktoken's cl100k_base file is replaced by a tiny encoding (conftest.py: all 256 bytes plus a few
+merges, with cl100k_base's own pattern and special tokens), given to the service in EMBED_TIKTOKEN_DIR and to
+the client process through tiktoken's own constructor.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import tiktoken
+import tiktoken.registry
+import tiktoken_ext.openai_public
+import torch
+from conftest import BGE_SERVED_MAX_LENGTH, BGE_VOCAB_TEXT, TIKTOKEN_WORDS, tiny_cl100k_ranks
+from test_embedding_recipes import bge_reference
+from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.serve
+
+MAX_LENGTH = BGE_SERVED_MAX_LENGTH
+CHARS = list(dict.fromkeys(BGE_VOCAB_TEXT))  # each one a token of the tiny BGE's vocabulary
+TEXTS = TIKTOKEN_WORDS[:4]
+LONG = "".join(CHARS[:40])  # 40 tokens + [CLS] and [SEP]
+
+
+@pytest.fixture(scope="module")
+def bge(bge_served):
+    return bge_served
+
+
+@pytest.fixture
+def client_cl100k(monkeypatch):
+    """The client process's cl100k_base: tiktoken's own constructor, with the tiny ranks instead of the download."""
+    ranks = tiny_cl100k_ranks()
+    monkeypatch.setattr(tiktoken_ext.openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: ranks)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    encoding = tiktoken.get_encoding("cl100k_base")
+    assert encoding.encode_ordinary(TEXTS[3]) == [ranks[TEXTS[3].encode()]]  # the tiny ranks, not OpenAI's
+    return encoding
+
+
+def text_vectors(served, texts: list[str]) -> np.ndarray:
+    answer = served.post("/embed/texts", json={"texts": texts})
+    assert answer.status_code == 200, answer.text
+    return np.array(answer.json()["embeddings"])
+
+
+def many_texts(count: int) -> list[str]:
+    return [
+        f"{TEXTS[index % len(TEXTS)]}{CHARS[index % len(CHARS)]}{CHARS[index // len(CHARS) % len(CHARS)]}"
+        for index in range(count)
+    ]
+
+
+# -- LangChain and OpenAI's limits -------------------------------------------------------------------------
+
+
+def test_langchain_at_its_defaults_sends_token_ids_and_gets_the_text_vectors(bge, client_cl100k):
+    from langchain_openai import OpenAIEmbeddings
+
+    sent: list[dict] = []
+    hooks = {"request": [lambda request: sent.append(__import__("json").loads(request.content))]}
+    texts = many_texts(1100)  # over LangChain's chunk_size=1000: two requests, the first of 1000 inputs
+    embeddings = OpenAIEmbeddings(
+        model="bge_embed", base_url=f"{bge.url}/v1", api_key="unused", http_client=httpx.Client(event_hooks=hooks)
+    )
+    vectors = np.array(embeddings.embed_documents(texts))
+    assert [len(body["input"]) for body in sent] == [1000, 100]
+    assert all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in sent[0]["input"])
+    assert sent[0]["input"][0] == client_cl100k.encode_ordinary(texts[0])
+    expected = np.concatenate([text_vectors(bge, texts[:256]), text_vectors(bge, texts[256:512])])
+    np.testing.assert_allclose(vectors[:512], expected, atol=1e-5)
+    np.testing.assert_allclose(np.array(embeddings.embed_query(TEXTS[0])), text_vectors(bge, TEXTS[:1])[0], atol=1e-5)
+    # And with check_embedding_ctx_length=False it sends the texts themselves, 1000 at a time.
+    sent.clear()
+    plain = OpenAIEmbeddings(
+        model="bge_embed",
+        base_url=f"{bge.url}/v1",
+        api_key="unused",
+        check_embedding_ctx_length=False,
+        http_client=httpx.Client(event_hooks=hooks),
+    )
+    np.testing.assert_allclose(np.array(plain.embed_documents(texts))[:512], expected, atol=1e-5)
+    assert [len(body["input"]) for body in sent] == [1000, 100] and sent[0]["input"][0] == texts[0]
+
+
+def test_openai_takes_2048_inputs_and_refuses_2049(bge):
+    client = openai.OpenAI(base_url=f"{bge.url}/v1", api_key="unused", max_retries=0)
+    texts = many_texts(2048)
+    answer = client.embeddings.create(model="bge_embed", input=texts)
+    assert [item.index for item in answer.data] == list(range(2048))
+    np.testing.assert_allclose(np.array(answer.data[300].embedding), text_vectors(bge, texts[300:301])[0], atol=1e-5)
+    with pytest.raises(openai.APIStatusError) as failure:
+        client.embeddings.create(model="bge_embed", input=texts + ["猫"])
+    assert failure.value.status_code == 413 and failure.value.body["param"] == "input"
+
+
+def test_token_ids_errors_name_the_input_and_the_fix(bge, client_cl100k):
+    ids = client_cl100k.encode_ordinary(TEXTS[1])
+    single = bge.post("/v1/embeddings", json={"input": ids, "model": "text-embedding-3-small"})
+    assert single.status_code == 200, single.text
+    np.testing.assert_allclose(single.json()["data"][0]["embedding"], text_vectors(bge, TEXTS[1:2])[0], atol=1e-5)
+    out_of_range = bge.post("/v1/embeddings", json={"input": [ids, [5, 10**6]]})
+    assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "input[1]"
+    assert "1000000" in out_of_range.json()["error"]["message"]
+    empty = bge.post("/v1/embeddings", json={"input": [ids, []]})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "input[1]"
+    # text-davinci-003's encoding (p50k_base) is neither in EMBED_TIKTOKEN_DIR nor downloadable here.
+    missing = bge.post("/v1/embeddings", json={"input": [ids], "model": "text-davinci-003"})
+    assert missing.status_code == 400, missing.text
+    message = missing.json()["error"]["message"]
+    assert "p50k_base" in message and "TIKTOKEN_CACHE_DIR" in message and "check_embedding_ctx_length=False" in message
+
+
+def test_blank_items_on_v1_are_embedded_as_openai_does_but_the_seed_paths_stay_strict(bge):
+    answer = bge.post("/v1/embeddings", json={"input": ["猫", " ", "\n"]})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["data"]) == 3
+    for body, param in [({"input": ["猫", ""]}, "input[1]"), ({"input": " "}, "input"), ({"input": [" "]}, "input[0]")]:
+        refused = bge.post("/v1/embeddings", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.text)
+    seed = bge.post("/embed/texts", json={"texts": ["猫", " "]})
+    assert seed.status_code == 400 and seed.json()["param"] == "texts[1]"
+
+
+# -- truncation control and /tokenize ------------------------------------------------------------------------
+
+
+def test_truncation_is_controlled_per_request_on_every_text_path(bge, bge_dir):
+    room = MAX_LENGTH - 2  # [CLS] and [SEP]
+    right, left = bge_reference(bge_dir, [LONG[:room], LONG[-room:]])
+    assert not torch.allclose(right, left, atol=1e-3)  # the two cuts read different tokens
+    paths = [
+        ("/embed/text", lambda extra: {"text": LONG, **extra}, lambda body: body["embedding"], "text"),
+        (
+            "/embed/texts",
+            lambda extra: {"texts": ["猫", LONG], **extra},
+            lambda body: body["embeddings"][1],
+            "texts[1]",
+        ),
+        (
+            "/v1/embeddings",
+            lambda extra: {"input": ["猫", LONG], **extra},
+            lambda body: body["data"][1]["embedding"],
+            "input[1]",
+        ),
+        ("/embed", lambda extra: {"inputs": ["猫", LONG], **extra}, lambda body: body[1], "inputs[1]"),
+    ]
+    for path, body, vector, name in paths:
+        for extra, expected in [({}, right), ({"truncation_direction": "left"}, left)]:
+            answer = bge.post(path, json=body(extra))
+            assert answer.status_code == 200, (path, answer.text)
+            assert torch.allclose(torch.tensor(vector(answer.json())), expected, atol=1e-5), (path, extra)
+        refused = bge.post(path, json=body({"truncate": False}))
+        assert refused.status_code == 413, (path, refused.text)
+        message = refused.text
+        assert f"`{name}` is {len(LONG) + 2} tokens long" in message and str(MAX_LENGTH) in message, (path, message)
+    fits = bge.post("/embed/texts", json={"texts": [LONG[:room]], "truncate": False})
+    assert fits.status_code == 200
+
+
+def test_tokenize_gives_the_models_own_tokens(bge, bge_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(bge_dir))
+    instruction = "为这个句子生成表示以用于检索相关文章："
+    answer = bge.post("/tokenize/texts", json={"texts": [TEXTS[0], LONG], "instruction": instruction})
+    assert answer.status_code == 200, answer.text
+    first, long = answer.json()["results"]
+    expected = tokenizer(instruction + TEXTS[0], truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    assert first["ids"] == expected and first["count"] == len(expected)
+    assert first["tokens"] == tokenizer.convert_ids_to_tokens(expected)
+    assert long["count"] == MAX_LENGTH
+    assert long["ids"] == tokenizer(instruction + LONG, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    left = bge.post("/tokenize/texts", json={"texts": [LONG], "truncation_direction": "left"}).json()["results"][0]
+    assert left["tokens"] == ["[CLS]", *LONG[-(MAX_LENGTH - 2) :], "[SEP]"]
+
+
+# -- TEI's API -------------------------------------------------------------------------------------------------
+
+
+def test_huggingface_hub_inference_client_embeds_through_tei_embed(bge, monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    # CI runs with HF_HUB_OFFLINE=1 (no hub); this client only reaches the local server.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    client = InferenceClient(model=f"{bge.url}/embed")
+    vectors = client.feature_extraction(TEXTS)
+    np.testing.assert_allclose(vectors, text_vectors(bge, TEXTS), atol=1e-5)
+    one = client.feature_extraction(TEXTS[0], truncate=True, truncation_direction="left")
+    assert one.shape == (1, 48)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError) as failure:
+        client.feature_extraction(LONG, truncate=False)
+    assert failure.value.response.status_code == 413
+    assert failure.value.response.json() == {
+        "error": f"`inputs` is {len(LONG) + 2} tokens long; this model reads at most {MAX_LENGTH}",
+        "error_type": "Validation",
+    }
+
+
+def test_tei_tokenize_info_and_errors_in_teis_shapes(bge, bge_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(bge_dir))
+    answer = bge.post("/tokenize", json={"inputs": "一只猫"})
+    assert answer.status_code == 200, answer.text
+    [tokens] = answer.json()
+    ids = tokenizer("一只猫")["input_ids"]
+    assert [token["id"] for token in tokens] == ids
+    assert tokens[0] == {"id": ids[0], "text": "[CLS]", "special": True, "start": None, "stop": None}
+    assert tokens[1] == {"id": ids[1], "text": "一", "special": False, "start": 0, "stop": 1}
+    bare = bge.post("/tokenize", json={"inputs": ["一只猫"], "add_special_tokens": False}).json()
+    assert [token["text"] for token in bare[0]] == ["一", "只", "猫"]
+    info = bge.get("/info").json()
+    assert info["model_id"] == "bge_embed" and info["max_input_length"] == MAX_LENGTH
+    assert info["model_type"] == {"embedding": {"pooling": "cls"}}
+    for body in [{"inputs": []}, {"inputs": ["猫", " "]}, {"inputs": "猫", "normalize": False}, {"input": "猫"}]:
+        refused = bge.post("/embed", json=body)
+        assert refused.status_code == 400, (body, refused.text)
+        assert set(refused.json()) == {"error", "error_type"} and refused.json()["error_type"] == "Validation"
+    # The seed's /embed/text is still its own API beside TEI's /embed.
+    assert bge.post("/embed/text", json={"text": "猫"}).json()["dimension"] == 48
+
+
+# -- logs: a client's mistake is one WARNING line ---------------------------------------------------------------
+
+
+def test_client_errors_are_logged_as_one_line_without_a_traceback(bge):
+    before = bge.log_path.read_text(errors="replace")
+    refused = bge.post("/embed/texts", json={"texts": ["猫"], "dimensions": "8"})  # BentoML's own validation 400
+    assert refused.status_code == 400
+    assert bge.post("/health").status_code in (404, 405)  # one more request, so the log is flushed past the 400
+    added = bge.log_path.read_text(errors="replace")[len(before) :]
+    assert "client error 400" in added and "/embed/texts" in added, added
+    assert "Traceback" not in added and "ERROR" not in added, added
+
+
+def test_server_errors_keep_their_level_and_traceback():
+    from embed_http.logs import ClientErrorsAsWarnings
+
+    def record_for(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys
+
+            return logging.LogRecord("x", logging.ERROR, __file__, 1, "Exception on %s", ("/rerank",), sys.exc_info())
+
+    from pydantic import BaseModel, ValidationError
+
+    class Model(BaseModel):
+        top_k: int
+
+    try:
+        Model(top_k="a private text")
+    except ValidationError as exc:
+        client = record_for(exc)
+    server = record_for(RuntimeError("boom"))
+    for record in (client, server):
+        assert ClientErrorsAsWarnings().filter(record)
+    assert client.levelno == logging.WARNING and client.exc_info is None and "\n" not in client.getMessage()
+    assert "top_k" in client.getMessage() and "private" not in client.getMessage()  # what was wrong, not what was sent
+    assert server.levelno == logging.ERROR and server.exc_info is not None
