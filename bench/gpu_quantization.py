@@ -258,8 +258,9 @@ def main() -> None:
     import logging
     import tempfile
 
-    from conftest import build_qwen_tokenizer
     from transformers import AutoTokenizer
+
+    from tests.conftest import build_qwen_tokenizer
 
     logging.getLogger("runners").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser()

@@ -76,7 +76,9 @@ class Rejected:
 
 def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or OPENAI_CODES.get(status)}}
+    error = {"message": message, "type": kind, "param": param, "code": code or OPENAI_CODES.get(status)}
+    # `detail` too: Jina's clients (LlamaIndex and LangChain's JinaRerank) raise RuntimeError(body["detail"]).
+    return {"error": error, "detail": message}
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:

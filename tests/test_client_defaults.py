@@ -22,9 +22,10 @@ import tiktoken
 import tiktoken.registry
 import tiktoken_ext.openai_public
 import torch
-from conftest import BGE_SERVED_MAX_LENGTH, BGE_VOCAB_TEXT, TIKTOKEN_WORDS, tiny_cl100k_ranks
-from test_embedding_recipes import bge_reference
 from transformers import AutoTokenizer
+
+from tests.conftest import BGE_SERVED_MAX_LENGTH, BGE_VOCAB_TEXT, TIKTOKEN_WORDS, tiny_cl100k_ranks
+from tests.references import bge_reference
 
 pytestmark = pytest.mark.serve
 
