@@ -181,9 +181,13 @@ class TextEmbedder:
             tokenizer.truncation_side = side
             for prompt, name in zip(prompts, names, strict=True):
                 if not truncate:
-                    count = len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) + (1 if appends else 0)
-                    if count > self.max_length:
-                        message = f"`{name}` is {count} tokens long; this model reads at most {self.max_length}"
+                    # Counted on at most `longest` characters, as everywhere (a 10 MB text must not hold the
+                    # tokenizer for seconds): a longer prompt is over the limit whatever its exact count.
+                    count = len(tokenizer(prompt[:longest], add_special_tokens=True)["input_ids"]) + int(appends)
+                    if count > self.max_length or len(prompt) > longest:
+                        at_least = "at least " if len(prompt) > longest else ""
+                        limit = self.max_length
+                        message = f"`{name}` is {at_least}{count} tokens long; this model reads at most {limit}"
                         raise InputError(message, status=413, param=name)
                 # As _tokenize: a text far over the limit is cut by characters first (from the side that goes).
                 shift = max(0, len(prompt) - longest) if side == "left" else 0

@@ -169,6 +169,9 @@ def test_truncation_is_controlled_per_request_on_every_text_path(bge, bge_dir):
         assert f"`{name}` is {len(LONG) + 2} tokens long" in message and str(MAX_LENGTH) in message, (path, message)
     fits = bge.post("/embed/texts", json={"texts": [LONG[:room]], "truncate": False})
     assert fits.status_code == 200
+    # A text far beyond what max_length tokens can cover is refused without being tokenized whole.
+    huge = bge.post("/embed/text", json={"text": LONG * 250_000, "truncate": False})
+    assert huge.status_code == 413 and "is at least" in huge.json()["error"], huge.text[:300]
 
 
 def test_tokenize_gives_the_models_own_tokens(bge, bge_dir):
