@@ -17,9 +17,7 @@ is not served: the rerank services keep the seed's `/rerank`.
 
 from __future__ import annotations
 
-import json
 import typing as t
-from pathlib import Path
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
@@ -79,16 +77,6 @@ def tei_endpoint(
     return endpoint
 
 
-def model_prompts(service: t.Any) -> dict[str, str]:
-    """The named prompts of the model's config_sentence_transformers.json (what TEI's prompt_name picks)."""
-    path = Path(service.engine.model_name) / "config_sentence_transformers.json"
-    try:
-        prompts = json.loads(path.read_text(encoding="utf-8")).get("prompts") or {}
-    except (OSError, ValueError):
-        return {}
-    return {name: text for name, text in prompts.items() if isinstance(text, str)}
-
-
 def checked_inputs(inputs: str | list[str], service: t.Any) -> tuple[list[str], list[str]]:
     """The texts and their names (`inputs`, `inputs[3]`); blank ones refused with their index, as on the seed paths."""
     texts, names = (
@@ -104,7 +92,7 @@ def checked_inputs(inputs: str | list[str], service: t.Any) -> tuple[list[str], 
 def prompted(texts: list[str], prompt_name: str | None, service: t.Any) -> list[str]:
     if prompt_name is None:
         return texts
-    prompts = model_prompts(service)
+    prompts = service.engine.named_prompts
     if prompt_name not in prompts:
         known = ", ".join(sorted(prompts)) or "none"
         raise InputError(
@@ -133,7 +121,7 @@ async def tokenize(request: Request, service: t.Any) -> list[list[dict[str, t.An
     body = await read_json(request, TokenizeRequest)
     texts, names = checked_inputs(body.inputs, service)
     engine = service.engine
-    prompts = [engine.prompt(text, body.instruction) for text in prompted(texts, body.prompt_name, service)]
+    prompts = engine.prompts(prompted(texts, body.prompt_name, service), body.instruction)
     encoded = await engine.tokenize(prompts, names, truncation_direction=body.truncation_direction.lower())
     answer = []
     for prompt, item in zip(prompts, encoded, strict=True):
@@ -168,7 +156,7 @@ async def info(request: Request, service: t.Any) -> dict[str, t.Any]:
         "version": TEI_VERSION,
         "sha": None,
         "docker_label": None,
-        "prompts": model_prompts(service) or None,
+        "prompts": engine.named_prompts or None,
     }
 
 

@@ -51,6 +51,8 @@ class TextEncoder(Embedder, Protocol):
         names: list[str] | None = None,
     ) -> tuple[list[list[float]], int]: ...
 
+    named_prompts: dict[str, str]  # the model's own sentence-transformers prompts, by name
+
     def prompts(self, texts: list[str], instruction: str | None = None) -> list[str]: ...
 
     async def tokenize(

@@ -76,6 +76,8 @@ class TextEmbedder:
         self.prompt = make_prompt(spec.prompt)
         # The model's own default prompt (sentence-transformers' default_prompt_name), for texts sent without one.
         self.default_instruction = default_instruction(spec, own, model_name)
+        # Its named prompts too, read once: what TEI's `prompt_name` picks (embed_http/tei.py).
+        self.named_prompts: dict[str, str] = {k: v for k, v in own.prompts.items() if isinstance(v, str)}
         self.dimension = int(model.config.hidden_size)
         self.max_length = token_limit(config.max_length, own.max_seq_length or spec.default_max_length, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
