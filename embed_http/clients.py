@@ -13,6 +13,7 @@ registered under the name BentoML's settings select ("auto").
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ DEFAULT_READ_TIMEOUT = 60.0
 _TIMEOUT_BODY = json.dumps({"error": "the request was not received in time (EMBED_READ_TIMEOUT)"}).encode()
 
 
+@functools.cache  # read once per process: every new connection asks for it
 def read_timeout() -> float:
     """EMBED_READ_TIMEOUT: seconds a client has to send its headers, and again its body. Refused unless > 0."""
     raw = os.environ.get("EMBED_READ_TIMEOUT", "").strip()
