@@ -352,9 +352,10 @@ def describe(record: Record, state: dict[str, Any], health: dict[str, Any] | Non
     """One service's state in words, from its supervisor's state file and /health."""
     if not is_ours(record):
         return str(state.get("state") or "exited") if state.get("state") in supervisor.FINAL_STATES else "exited"
-    if state.get("state") == supervisor.RESTARTING:
-        return "restarting"
-    return "running" if health is not None else "starting (no /health yet)"
+    # /health answering is the truth: the supervisor records it only at its next poll.
+    if health is not None:
+        return "running"
+    return "restarting" if state.get("state") == supervisor.RESTARTING else "starting (no /health yet)"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

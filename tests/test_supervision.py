@@ -84,6 +84,18 @@ def test_bad_restart_settings_are_refused():
     assert RestartPolicy.from_env({"EMBED_RESTART_LIMIT": "3"}).limit == 3
 
 
+def test_status_believes_health_over_a_state_file_the_supervisor_has_not_updated_yet(monkeypatch):
+    from embed_ops import launcher, supervisor
+
+    record = launcher.Record("bge_embed", os.getpid(), "BgeEmbed", 6013)
+    monkeypatch.setattr(launcher, "is_ours", lambda record: True)
+    # Between a restarted service's first /health and the supervisor's next poll the file still says restarting.
+    restarting = {"state": supervisor.RESTARTING, "restarts": 1}
+    assert launcher.describe(record, restarting, {"status": "ok"}) == "running"
+    assert launcher.describe(record, restarting, None) == "restarting"
+    assert launcher.describe(record, {"state": supervisor.STARTING}, None).startswith("starting")
+
+
 class Supervised:
     """`python -m embed_ops.launcher supervise` running the stand-in service; its PID file as the script writes it."""
 
