@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from itertools import accumulate
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -118,10 +120,30 @@ def run_in_order(
     return [results[position] for position in range(count)]
 
 
-def runner_batcher(process: Callable[[list[Item]], list[Result]], spec: Any, config: Any) -> Batcher[Item, Result]:
+CHARS_PER_TOKEN_GUESS = 3  # for the queue's scheduling only: the model's thread tokenizes later
+
+
+def text_cost(max_tokens: int) -> Callable[[Any], int]:
+    """A text's cost to the queue: its tokens when it comes tokenized, else about one per three characters;
+    at most max_tokens (a longer text is cut there)."""
+
+    def cost(item: str | list[int]) -> int:
+        tokens = len(item) if isinstance(item, list) else len(item) // CHARS_PER_TOKEN_GUESS + 1
+        return min(max_tokens, tokens)
+
+    return cost
+
+
+def runner_batcher(
+    process: Callable[[list[Item]], list[Result]], spec: Any, config: Any, cost: Callable[[Item], int] | None = None
+) -> Batcher[Item, Result]:
     """The one queue of a runner, sized by its settings (a RunnerConfig) and named after its service (a ServiceSpec)."""
     return Batcher(
-        process, max_batch_items=config.max_batch_items, name=spec.seed_name, max_queued_items=config.max_queued_items
+        process,
+        max_batch_items=config.max_batch_items,
+        name=spec.seed_name,
+        max_queued_items=config.max_queued_items,
+        cost=cost,
     )
 
 
@@ -149,11 +171,63 @@ class BatchObserver(Protocol):
         """One forward pass over `items` inputs of one kind ("text", "pair", "image")."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two callers may send equal items
 class _Job(Generic[Item]):
+    """One caller's items. Bulk jobs may be cut into slices over several rounds, always in order."""
+
     items: list[Item]
     future: asyncio.Future
     enqueued_at: float
+    cumulative_cost: list[int]  # cumulative_cost[i]: the cost of items[:i]
+    taken: int = 0  # items handed to rounds so far
+    results: list[Any] = field(default_factory=list)
+
+    @property
+    def remaining_cost(self) -> int:
+        return self.cumulative_cost[-1] - self.cumulative_cost[self.taken]
+
+    def items_within(self, budget: float) -> int:
+        """How many of the remaining items fit `budget` (at least one)."""
+        end = bisect_right(self.cumulative_cost, self.cumulative_cost[self.taken] + budget) - 1
+        return max(1, end - self.taken)
+
+
+class _Slice(NamedTuple):
+    job: _Job[Any]
+    start: int
+    stop: int
+
+
+# While someone searches, a bulk round may last this many times the compute of a lone request's round:
+# the search then waits at most one such slice ahead of its own round. A request that fits such a slice
+# whole is "small". With no search for a while, slices are longer (fewer, more efficient passes), and the
+# first search after the quiet waits at most one of those.
+SLICE_FACTOR = 2.0
+QUIET_SLICE_FACTOR = 10.0
+# How long after the last small request arrived next to bulk work the bulk stays cut into slices.
+INTERACTIVE_HOLD_SECONDS = 10.0
+
+
+@dataclass
+class RoundTimer:
+    """What the queue learns of the model's speed: the compute time of a round that held one request whole
+    (the fastest of the recent ones: an idle search), and seconds per unit of cost (decayed sums, so that
+    large rounds weigh most and the figure follows the load)."""
+
+    lone_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    seconds: float = 0.0
+    cost: float = 0.0
+
+    def record(self, jobs_whole: int, cost: int, seconds: float) -> None:
+        if jobs_whole == 1:
+            self.lone_seconds.append(seconds)
+        self.seconds, self.cost = 0.9 * self.seconds + seconds, 0.9 * self.cost + cost
+
+    def slice_cost(self, factor: float) -> float | None:
+        """The cost a round of `factor` x a lone request's compute time holds; None until both are known."""
+        if not self.lone_seconds or self.cost <= 0 or self.seconds <= 0:
+            return None
+        return factor * min(self.lone_seconds) * self.cost / self.seconds
 
 
 class Batcher(Generic[Item, Result]):
@@ -161,6 +235,11 @@ class Batcher(Generic[Item, Result]):
 
     `process(items) -> results` runs in a single worker thread (the model is not re-entrant), so the
     event loop stays free to parse and queue the next requests while a batch computes.
+
+    Small requests (a search: its whole cost fits one slice) go ahead of bulk work. While they arrive next
+    to bulk work, rounds alternate between the small requests waiting and one time-capped slice of the bulk
+    (cut by `cost(item)`, e.g. its characters), so a search waits for one slice, not a whole bulk round,
+    and bulk work still moves. Without small requests bulk runs in whole rounds, as fast as before.
     """
 
     def __init__(
@@ -170,16 +249,21 @@ class Batcher(Generic[Item, Result]):
         max_batch_items: int,
         name: str,
         max_queued_items: int = 8192,
+        cost: Callable[[Item], int] | None = None,
     ) -> None:
         self._process = process
         self._max_batch_items = max_batch_items
         self._max_queued_items = max_queued_items
+        self._cost = cost or (lambda item: 1)
         self._queue: deque[_Job[Item]] = deque()
         self._queued_items = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._last_batch = (0, 0.0)  # items, compute seconds
+        self.timer = RoundTimer()
+        self._interactive_until = 0.0
+        self._last_round_bulk = False
         self.stats = BatchStats()
         self.observer: BatchObserver | None = None
 
@@ -209,23 +293,64 @@ class Batcher(Generic[Item, Result]):
                 f"{self._queued_items} items are waiting for the model already (at most {self._max_queued_items}); "
                 "try again shortly"
             )
-        job = _Job(items, loop.create_future(), time.perf_counter())
+        job = _Job(items, loop.create_future(), time.perf_counter(), [0, *accumulate(map(self._cost, items))])
         self._queue.append(job)
         self._queued_items += len(items)
         assert self._wakeup is not None
         self._wakeup.set()
         return await job.future
 
-    def _take(self) -> list[_Job[Item]]:
-        jobs, count = [], 0
-        while self._queue and (not jobs or count + len(self._queue[0].items) <= self._max_batch_items):
-            job = self._queue.popleft()
-            self._queued_items -= len(job.items)
-            if job.future.done():  # the caller went away (client disconnected): skip its work
-                continue
-            jobs.append(job)
-            count += len(job.items)
-        return jobs
+    def _take(self) -> list[_Slice]:
+        """The next round: small requests first and whole; bulk work in time-capped slices between them."""
+        for job in [job for job in self._queue if job.future.done()]:  # the caller went away: skip its work
+            self._drop(job)
+        small_cost = self.timer.slice_cost(SLICE_FACTOR)
+        small = [job for job in self._queue if small_cost is None or job.remaining_cost <= small_cost]
+        bulk = [job for job in self._queue if small_cost is not None and job.remaining_cost > small_cost]
+        now = time.monotonic()
+        if small and (bulk or self._last_round_bulk):  # a small request waited behind bulk work
+            self._interactive_until = now + INTERACTIVE_HOLD_SECONDS
+        if small and (not bulk or self._last_round_bulk):  # alternate, so that bulk work is never starved
+            round_ = self._whole_jobs(small)
+        else:
+            factor = SLICE_FACTOR if now < self._interactive_until else QUIET_SLICE_FACTOR
+            round_ = self._bulk_slice(bulk, self.timer.slice_cost(factor) or 0.0)
+        self._last_round_bulk = any(piece.job in bulk for piece in round_)
+        for piece in round_:
+            piece.job.taken = piece.stop
+            self._queued_items -= piece.stop - piece.start
+            if piece.stop == len(piece.job.items):
+                self._queue.remove(piece.job)
+        return round_
+
+    def _whole_jobs(self, jobs: list[_Job[Item]]) -> list[_Slice]:
+        """Jobs in arrival order, whole (what is left of each), up to max_batch_items (the first one always)."""
+        round_, count = [], 0
+        for job in jobs:
+            size = len(job.items) - job.taken
+            if round_ and count + size > self._max_batch_items:
+                break
+            round_.append(_Slice(job, job.taken, len(job.items)))
+            count += size
+        return round_
+
+    def _bulk_slice(self, jobs: list[_Job[Item]], budget: float) -> list[_Slice]:
+        """Items of the bulk jobs in arrival order, up to `budget` of cost and max_batch_items (one at least)."""
+        round_, count = [], 0
+        for job in jobs:
+            take = min(job.items_within(budget), len(job.items) - job.taken, self._max_batch_items - count)
+            if round_ and (take < 1 or job.cumulative_cost[job.taken + take] - job.cumulative_cost[job.taken] > budget):
+                break
+            round_.append(_Slice(job, job.taken, job.taken + take))
+            budget -= job.cumulative_cost[job.taken + take] - job.cumulative_cost[job.taken]
+            count += take
+            if budget <= 0 or count >= self._max_batch_items:
+                break
+        return round_
+
+    def _drop(self, job: _Job[Item]) -> None:
+        self._queue.remove(job)
+        self._queued_items -= len(job.items) - job.taken
 
     async def _work(self) -> None:
         assert self._wakeup is not None
@@ -234,9 +359,9 @@ class Batcher(Generic[Item, Result]):
             self._wakeup.clear()
             while self._queue:
                 await self._wait_for_returning_callers()
-                jobs = self._take()
-                if jobs:
-                    await self._run(jobs)
+                round_ = self._take()
+                if round_:
+                    await self._run(round_)
 
     async def _wait_for_returning_callers(self) -> None:
         """Under steady load the callers just answered send their next request at once. Taking only what
@@ -250,7 +375,7 @@ class Batcher(Generic[Item, Result]):
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + last_compute / 4
-        while sum(len(job.items) for job in self._queue) < last_size:
+        while self._queued_items < last_size:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -260,31 +385,43 @@ class Batcher(Generic[Item, Result]):
             except TimeoutError:
                 return
 
-    async def _run(self, jobs: list[_Job[Item]]) -> None:
+    async def _run(self, round_: list[_Slice]) -> None:
         loop = asyncio.get_running_loop()
-        items = [item for job in jobs for item in job.items]
+        items = [item for piece in round_ for item in piece.job.items[piece.start : piece.stop]]
         started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self._process, items)
         except Exception as exc:
-            if len(jobs) > 1:
+            if len(round_) > 1:
                 # Find the request that broke the batch; the others must still be answered.
-                for job in jobs:
-                    await self._run([job])
+                for piece in round_:
+                    await self._run([piece])
                 return
-            _settle(jobs[0].future, error=exc)
-            if not isinstance(exc, (InputError, Overloaded)):
-                log.exception("batch failed", exc_info=exc)
+            self._fail(round_[0].job, exc)
             return
         finished = time.perf_counter()
-        waits = [started - job.enqueued_at for job in jobs]
+        cost = sum(piece.job.cumulative_cost[piece.stop] - piece.job.cumulative_cost[piece.start] for piece in round_)
+        whole = sum(1 for piece in round_ if piece.start == 0 and piece.stop == len(piece.job.items))
+        self.timer.record(whole if whole == len(round_) else 0, cost, finished - started)
         self._last_batch = (len(items), finished - started)
         self.stats.record(len(items))
+        waits = [started - piece.job.enqueued_at for piece in round_ if piece.start == 0]
         self._tell("round_done", len(items), waits, finished - started)
         offset = 0
-        for job in jobs:
-            _settle(job.future, result=results[offset : offset + len(job.items)])
-            offset += len(job.items)
+        for piece in round_:
+            size = piece.stop - piece.start
+            piece.job.results.extend(results[offset : offset + size])
+            offset += size
+            if len(piece.job.results) == len(piece.job.items):
+                _settle(piece.job.future, result=piece.job.results)
+
+    def _fail(self, job: _Job[Item], exc: Exception) -> None:
+        """One request's items failed: its caller gets the error, and the rest of its items are not run."""
+        if job in self._queue:
+            self._drop(job)
+        _settle(job.future, error=exc)
+        if not isinstance(exc, (InputError, Overloaded)):
+            log.exception("batch failed", exc_info=exc)
 
     def close(self) -> None:
         if self._worker is not None:

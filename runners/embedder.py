@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher
+from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher, text_cost
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
 from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
@@ -87,7 +87,9 @@ class TextEmbedder:
         self._exact_tokenizer, self._exact_lock = copy.deepcopy(tokenizer), threading.Lock()
         # Architectures with a padding-free forward (packed sequences) run it; others run padded.
         self.packed = packed_forward_for(model, config, self.device)
-        self.batcher: Batcher[str, tuple[torch.Tensor, int]] = runner_batcher(self._embed_batch, spec, config)
+        self.batcher: Batcher[str | list[int], tuple[torch.Tensor, int]] = runner_batcher(
+            self._embed_batch, spec, config, cost=text_cost(self.max_length)
+        )
         if spec.dimension is not None and spec.dimension != self.dimension:
             log.warning(
                 "%s: model has dimension %d, the table expects %d", spec.seed_name, self.dimension, spec.dimension

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .batching import Batcher, plan_micro_batches, run_in_order, runner_batcher
+from .batching import CHARS_PER_TOKEN_GUESS, Batcher, plan_micro_batches, run_in_order, runner_batcher
 from .config import RunnerConfig
 from .errors import ModelLoadError
 from .loading import MAX_CHARS_PER_TOKEN, ModelFiles, prepare_model, read_json, token_limit
@@ -89,7 +89,7 @@ class Reranker:
         self.last_token = LastTokenPooling()
         # Qwen3 decoders run padding-free (packed sequences), as the embedding services do.
         self.packed = packed_forward_for(self.model, self.config, self.device)
-        self.batcher: Batcher[Pair, float] = runner_batcher(self._score_batch, spec, self.config)
+        self.batcher: Batcher[Pair, float] = runner_batcher(self._score_batch, spec, self.config, cost=self._cost)
 
     # -- what the service asks -------------------------------------------------------------------
 
@@ -134,6 +134,12 @@ class Reranker:
             [len(ids) for ids in token_ids], self.config.max_batch_tokens, padded=self.packed is None
         )
         return run_in_order(plan, lambda part: self._forward([token_ids[i] for i in part]), len(pairs))
+
+    def _cost(self, pair: Pair) -> int:
+        """The queue's estimate of a pair's tokens (its characters counted, never the 10 MB body copied)."""
+        characters = len(pair.query) + len(pair.document) + len(pair.instruction)
+        body = min(self.body_room, characters // CHARS_PER_TOKEN_GUESS + 1)
+        return len(self.prefix_ids) + body + len(self.suffix_ids)
 
     def tokenize(self, pairs: list[Pair]) -> list[list[int]]:
         """prefix + body + suffix; the body alone is cut (at its end) so that the whole fits max_length."""

@@ -144,7 +144,10 @@ class SiglipEmbedder:
             max_workers=self.settings.decode_threads, thread_name_prefix=f"{spec.seed_name}-decode"
         )
         # Each result is (vector, tokens read): the token count of a text, 0 for an image.
-        self.batcher: Batcher[Item, tuple[torch.Tensor, int]] = runner_batcher(self._embed_batch, spec, self.config)
+        self.image_tokens = self._image_tokens()
+        self.batcher: Batcher[Item, tuple[torch.Tensor, int]] = runner_batcher(
+            self._embed_batch, spec, self.config, cost=self._cost
+        )
         if spec.dimension is not None and spec.dimension != self.dimension:
             log.warning(
                 "%s: model has dimension %d, the table expects %d", spec.seed_name, self.dimension, spec.dimension
@@ -250,6 +253,15 @@ class SiglipEmbedder:
         return PreparedImage({key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)})
 
     # -- the model side (runs in the batcher's worker thread) ------------------------------------------
+
+    def _cost(self, item: Item) -> int:
+        """The queue's cost of an item in tokens: a text is padded to max_length, an image is its patches."""
+        return self.max_length if isinstance(item, str) else self.image_tokens
+
+    def _image_tokens(self) -> int:
+        vision = self.model.config.vision_config
+        patches = getattr(vision, "num_patches", None)  # SigLIP2 (NaFlex) names it; SigLIP has a fixed square
+        return int(patches or (vision.image_size // vision.patch_size) ** 2)
 
     def _embed_batch(self, items: list[Item]) -> list[tuple[torch.Tensor, int]]:
         """Texts and images of one batch, each kind in its own passes; the results in the items' order."""

@@ -134,3 +134,111 @@ def test_run_in_order_puts_each_result_back_at_its_position():
     assert sorted(index for part in ran for index in part) == list(range(10))  # each position ran once
     with pytest.raises(RuntimeError, match="covered 9 of 10"):
         run_in_order([[0, 1, 2], [3, 4, 5, 6, 7, 8]], lambda part: [items[index] for index in part], len(items))
+
+
+# -- a lone search next to bulk work -------------------------------------------------------------------
+
+
+class TimedModel:
+    """A stand-in model: a fixed cost per pass plus a cost per item; it records every round it is given."""
+
+    def __init__(self, fixed: float = 0.004, per_item: float = 0.001, fail_on: str | None = None) -> None:
+        self.fixed, self.per_item, self.fail_on = fixed, per_item, fail_on
+        self.rounds: list[list[str]] = []
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.rounds.append(list(items))
+        __import__("time").sleep(self.fixed + self.per_item * len(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"cannot read {self.fail_on}")
+        return [item.upper() for item in items]
+
+
+async def warm_up(batcher: Batcher) -> None:
+    """What a running service has seen before: a lone request, then bulk work alone."""
+    await batcher.submit(["warm"])
+    await batcher.submit([f"warm-bulk-{i}" for i in range(100)])
+
+
+def test_a_lone_request_goes_ahead_of_bulk_work_that_is_still_answered_whole_and_in_order():
+    model = TimedModel()
+    batcher = Batcher(model, max_batch_items=1024, name="test")
+    bulk_items = [f"bulk-{i}" for i in range(400)]
+
+    async def scenario():
+        await warm_up(batcher)
+        bulk = asyncio.ensure_future(batcher.submit(bulk_items))
+        await asyncio.sleep(0.05)  # the bulk job is being worked on
+        lone = await batcher.submit(["search"])
+        return lone, bulk.done(), await bulk
+
+    lone, bulk_done_when_lone_answered, bulk = asyncio.run(scenario())
+    batcher.close()
+    assert lone == ["SEARCH"] and bulk == [item.upper() for item in bulk_items]
+    assert not bulk_done_when_lone_answered
+    [with_search] = [round_ for round_ in model.rounds if "search" in round_]
+    assert with_search == ["search"]  # its own round, not one more slice of the bulk
+    bulk_rounds = [round_ for round_ in model.rounds if round_[0].startswith("bulk-")]
+    assert len(bulk_rounds) > 1 and sum(bulk_rounds, []) == bulk_items  # cut into slices, in order, none twice
+
+
+def test_bulk_work_alone_runs_in_longer_slices_than_next_to_searches():
+    model = TimedModel()
+    batcher = Batcher(model, max_batch_items=1024, name="test")
+
+    async def scenario():
+        await warm_up(batcher)
+        quiet = await batcher.submit([f"quiet-{i}" for i in range(300)])
+        busy = asyncio.ensure_future(batcher.submit([f"busy-{i}" for i in range(300)]))
+        while not busy.done():
+            await batcher.submit(["search"])
+        return quiet, await busy
+
+    quiet, busy = asyncio.run(scenario())
+    batcher.close()
+    assert quiet == [f"QUIET-{i}" for i in range(300)] and busy == [f"BUSY-{i}" for i in range(300)]
+    sizes = {kind: sorted(len(r) for r in model.rounds if r[0].startswith(kind)) for kind in ("quiet", "busy")}
+    median = {kind: found[len(found) // 2] for kind, found in sizes.items()}
+    assert median["quiet"] >= 3 * median["busy"], sizes  # 10x and 2x a lone request's time
+
+
+def test_a_stream_of_searches_does_not_starve_bulk_work():
+    model = TimedModel()
+    batcher = Batcher(model, max_batch_items=1024, name="test")
+    bulk_items = [f"bulk-{i}" for i in range(300)]
+
+    async def scenario():
+        await warm_up(batcher)
+        bulk = asyncio.ensure_future(batcher.submit(bulk_items))
+        searches = 0
+        while not bulk.done():  # one search always waiting, the next sent as the last is answered
+            await asyncio.gather(*(batcher.submit([f"q{searches}-{k}"]) for k in range(3)))
+            searches += 1
+            assert searches < 2000, "the bulk job never finished"
+        return await bulk
+
+    assert asyncio.run(scenario()) == [item.upper() for item in bulk_items]
+    batcher.close()
+    kinds = ["bulk" if r[0].startswith("bulk-") else "small" for r in model.rounds if not r[0].startswith("warm")]
+    last_bulk = len(kinds) - kinds[::-1].index("bulk")
+    assert "small, small" not in ", ".join(kinds[:last_bulk])  # while bulk waits, never two search rounds in a row
+
+
+def test_a_failing_slice_fails_its_own_request_only_and_the_rest_of_it_is_not_run():
+    model = TimedModel(fail_on="bulk-150")
+    batcher = Batcher(model, max_batch_items=1024, name="test")
+    bulk_items = [f"bulk-{i}" for i in range(400)]
+
+    async def scenario():
+        await warm_up(batcher)
+        bulk = asyncio.ensure_future(batcher.submit(bulk_items))
+        await asyncio.sleep(0.05)
+        lone = await batcher.submit(["search"])
+        with pytest.raises(ValueError, match="bulk-150"):
+            await bulk
+        return lone, await batcher.submit(["after"])
+
+    assert asyncio.run(scenario()) == (["SEARCH"], ["AFTER"])
+    batcher.close()
+    ran = [item for round_ in model.rounds for item in round_]
+    assert "bulk-399" not in ran  # nobody waits for the rest of the failed request
