@@ -236,6 +236,14 @@ def test_tei_tokenize_info_and_errors_in_teis_shapes(bge, bge_dir):
     assert bge.post("/embed/text", json={"text": "猫"}).json()["dimension"] == 48
 
 
+def test_the_error_table_knows_every_tei_route():
+    """The API-key check answers in TEI's shape on the paths errors.TEI_PATHS names: exactly TEI's routes."""
+    from embed_http.errors import TEI_PATHS
+    from embed_http.tei import TEI_ROUTES
+
+    assert {route.path for route in TEI_ROUTES} == TEI_PATHS
+
+
 # -- logs: a client's mistake is one WARNING line ---------------------------------------------------------------
 
 
