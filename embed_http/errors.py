@@ -1,8 +1,10 @@
-"""Error answers: one table from each kind of failure to its status, and the two shapes they are sent in.
+"""Error answers: one table from each kind of failure to its status, and the three shapes they are sent in.
 
 The project's own routes answer `{"error", "param"}`; the OpenAI / Cohere-compatible routes answer
 OpenAI's `{"error": {"message", "type", "param", "code"}}` (middleware.ProtocolErrors turns the first
-into the second on /v1/* and /v2/*, so every check can answer in the first).
+into the second on /v1/* and /v2/*, so every check can answer in the first); TEI's routes (embed_http/tei.py)
+answer TEI's `{"error", "error_type"}`. `refused_key` picks the shape by path, for the API-key check, which
+answers before any route is chosen.
 """
 
 from __future__ import annotations
@@ -101,3 +103,46 @@ def openai_errors(
             return openai_error(status_of(exc), str(exc), code="overloaded")
 
     return wrapper
+
+
+# -- TEI's shape (text-embeddings-inference's ErrorResponse) -------------------------------------------
+
+TEI_PATHS = frozenset({"/embed", "/tokenize", "/info"})  # embed_http/tei.py serves them
+# TEI's error_type for each status its routes answer with: its own kinds (router/src/lib.rs, ErrorType), and
+# "Unauthorized" for a refused key, which TEI answers with a bare 401 and no body (no kind of its own to follow).
+TEI_ERROR_TYPES = {400: "Validation", 401: "Unauthorized", 413: "Validation", 422: "Tokenizer", 503: "Overloaded"}
+
+
+def tei_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": message, "error_type": TEI_ERROR_TYPES.get(status, "Validation")}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def tei_errors(handler: t.Callable[..., t.Awaitable[t.Any]]) -> t.Callable[..., t.Awaitable[t.Any]]:
+    """json_errors for TEI's routes: the same errors, in TEI's shape."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        try:
+            return await handler(*args, **kwargs)
+        except InputError as exc:
+            return tei_error(status_of(exc), exc.message)
+        except Overloaded as exc:
+            return tei_error(status_of(exc), str(exc))
+
+    return wrapper
+
+
+# -- the API key's refusal, in the shape of the route it was meant for -----------------------------------
+
+KEY_REFUSED = "missing or wrong API key: send the header `Authorization: Bearer <key>`"
+PROTOCOL_PREFIXES = ("/v1/", "/v2/")
+
+
+def refused_key(path: str) -> JSONResponse:
+    status, challenge = STATUS["unauthorized"], {"WWW-Authenticate": "Bearer"}
+    if path in TEI_PATHS:
+        return tei_error(status, KEY_REFUSED, headers=challenge)
+    if path.startswith(PROTOCOL_PREFIXES):
+        return openai_error(status, KEY_REFUSED)
+    return JSONResponse({"error": KEY_REFUSED}, status_code=status, headers=challenge)

@@ -11,12 +11,11 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embed_http.errors import STATUS, error_response, openai_error_body
+from embed_http.errors import PROTOCOL_PREFIXES, STATUS, error_response, openai_error_body, refused_key
 from runners.config import setting
 from runners.table import ServiceSpec
 
 JSON_MEDIA_TYPES = ("", "application/json")
-PROTOCOL_PREFIXES = ("/v1/", "/v2/")
 
 
 class RequestBodies:
@@ -171,12 +170,7 @@ class ApiKeyAuth:
         if scope["type"] == "websocket":  # none are served today; refuse the handshake all the same
             await send({"type": "websocket.close", "code": 1008})
             return
-        response = JSONResponse(
-            {"error": "missing or wrong API key: send the header `Authorization: Bearer <key>`"},
-            status_code=STATUS["unauthorized"],
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
+        await refused_key(scope["path"])(scope, receive, send)  # in the shape of the route's protocol
 
     def authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")

@@ -7,7 +7,7 @@ TextEmbeddingsInference, Haystack's HF API embedders):
 - `POST /tokenize`: {"inputs", "add_special_tokens", "prompt_name"} -> [[{"id", "text", "special", "start",
   "stop"}, ...], ...], the tokens the model reads;
 - `GET /info`: the model and its limits in TEI's shape;
-- errors as TEI's {"error": str, "error_type": str}.
+- errors as TEI's {"error": str, "error_type": str} (embed_http/errors.py), a refused API key's too.
 
 Differences from TEI, by design: a text over max_length is cut at the end unless `truncate` is false (TEI
 refuses it unless started with --auto-truncate); vectors are always normalized (`normalize: false` is
@@ -25,13 +25,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from embed_http.errors import tei_errors
 from embed_http.protocols import read_json
 from embed_http.schemas import require_text, require_texts
-from runners.errors import InputError, Overloaded
+from runners.errors import InputError
 
 TEI_VERSION = "1.8.0"  # the TEI API these routes follow (its /info reports a version; clients do not check it)
-# TEI's error_type for each status these routes answer with.
-ERROR_TYPES = {400: "Validation", 401: "Unhealthy", 413: "Validation", 422: "Tokenizer", 503: "Overloaded"}
 
 Direction = t.Literal["right", "left", "Right", "Left"]  # TEI takes both spellings
 
@@ -59,20 +58,12 @@ class TokenizeRequest(BaseModel):
     instruction: t.Optional[StrictStr] = None
 
 
-def tei_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": ERROR_TYPES.get(status, "Validation")}, status_code=status)
-
-
 def tei_endpoint(
     handler: t.Callable[[Request, t.Any], t.Awaitable[t.Any]],
 ) -> t.Callable[[Request], t.Awaitable[Response]]:
+    @tei_errors
     async def endpoint(request: Request) -> Response:
-        try:
-            return JSONResponse(await handler(request, bentoml.get_current_service()))
-        except InputError as exc:
-            return tei_error(exc.status, exc.message)
-        except Overloaded as exc:
-            return tei_error(503, str(exc))
+        return JSONResponse(await handler(request, bentoml.get_current_service()))
 
     return endpoint
 

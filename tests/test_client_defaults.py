@@ -2,6 +2,8 @@
 
 - LangChain's OpenAIEmbeddings, which tokenizes with tiktoken (cl100k_base) and sends token ids, 1000 at a time;
 - the openai client with OpenAI's 2048 inputs per request;
+- Chroma's OpenAIEmbeddingFunction, which sends a whole `collection.add` in one request (1100 documents here);
+- LlamaIndex's OpenAILikeEmbedding (/v1/embeddings) and TextEmbeddingsInference (TEI's /embed);
 - huggingface_hub's InferenceClient against TEI's POST /embed (plus /tokenize and /info in TEI's shapes);
 - per-request truncation (truncate=false, truncation_direction=left) and /tokenize/texts on every text path.
 
@@ -57,6 +59,12 @@ def text_vectors(served, texts: list[str]) -> np.ndarray:
     return np.array(answer.json()["embeddings"])
 
 
+def seed_vectors(served, texts: list[str], per_request: int = 256) -> np.ndarray:
+    """The seed path's vectors for any number of texts, at most `per_request` (its default cap) a request."""
+    chunks = [texts[start : start + per_request] for start in range(0, len(texts), per_request)]
+    return np.concatenate([text_vectors(served, chunk) for chunk in chunks])
+
+
 def many_texts(count: int) -> list[str]:
     return [
         f"{TEXTS[index % len(TEXTS)]}{CHARS[index % len(CHARS)]}{CHARS[index // len(CHARS) % len(CHARS)]}"
@@ -64,7 +72,7 @@ def many_texts(count: int) -> list[str]:
     ]
 
 
-# -- LangChain and OpenAI's limits -------------------------------------------------------------------------
+# -- LangChain, Chroma, LlamaIndex and OpenAI's limits---------------------------------------------------------------
 
 
 def test_langchain_at_its_defaults_sends_token_ids_and_gets_the_text_vectors(bge, client_cl100k):
@@ -80,7 +88,7 @@ def test_langchain_at_its_defaults_sends_token_ids_and_gets_the_text_vectors(bge
     assert [len(body["input"]) for body in sent] == [1000, 100]
     assert all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in sent[0]["input"])
     assert sent[0]["input"][0] == client_cl100k.encode_ordinary(texts[0])
-    expected = np.concatenate([text_vectors(bge, texts[:256]), text_vectors(bge, texts[256:512])])
+    expected = seed_vectors(bge, texts[:512])
     np.testing.assert_allclose(vectors[:512], expected, atol=1e-5)
     np.testing.assert_allclose(np.array(embeddings.embed_query(TEXTS[0])), text_vectors(bge, TEXTS[:1])[0], atol=1e-5)
     # And with check_embedding_ctx_length=False it sends the texts themselves, 1000 at a time.
@@ -105,6 +113,49 @@ def test_openai_takes_2048_inputs_and_refuses_2049(bge):
     with pytest.raises(openai.APIStatusError) as failure:
         client.embeddings.create(model="bge_embed", input=texts + ["猫"])
     assert failure.value.status_code == 413 and failure.value.body["param"] == "input"
+
+
+def test_chroma_openai_embedding_function_adds_1100_documents_in_one_request(bge, monkeypatch):
+    """Chroma's OpenAIEmbeddingFunction calls `client.embeddings.create(model=model_name, input=<every document>)`
+    once per `collection.add` (chromadb/utils/embedding_functions/openai_embedding_function.py): its default model
+    "text-embedding-ada-002", the openai client's default encoding (base64), and no `dimensions` for that model."""
+    import chromadb
+    from chromadb.config import Settings
+    from chromadb.utils.embedding_functions import OpenAIEmbeddingFunction
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # it would take that key's place
+    monkeypatch.setenv("CHROMA_OPENAI_API_KEY", "unused")
+    function = OpenAIEmbeddingFunction(api_base=f"{bge.url}/v1")
+    calls: list[dict] = []
+    create = function.client.embeddings.create
+    monkeypatch.setattr(function.client.embeddings, "create", lambda **kwargs: calls.append(kwargs) or create(**kwargs))
+    collection = chromadb.EphemeralClient(Settings(anonymized_telemetry=False)).create_collection(
+        "chroma-defaults", embedding_function=function
+    )
+    texts = many_texts(1100)
+    ids = [f"doc-{index}" for index in range(len(texts))]
+    collection.add(ids=ids, documents=texts)
+    assert [(call["model"], len(call["input"])) for call in calls] == [("text-embedding-ada-002", 1100)]
+    assert set(calls[0]) == {"model", "input"}  # no encoding_format, no dimensions: the openai client's defaults
+    stored = collection.get(ids=ids[:300], include=["embeddings"])
+    order = [ids.index(stored_id) for stored_id in stored["ids"]]
+    np.testing.assert_allclose(np.array(stored["embeddings"]), seed_vectors(bge, texts[:300])[order], atol=1e-5)
+    nearest = collection.query(query_texts=[texts[7]], n_results=1)
+    assert nearest["ids"] == [[ids[7]]]
+
+
+def test_llamaindex_openai_like_embedding_at_its_defaults(bge):
+    """LlamaIndex's OpenAILikeEmbedding: 10 texts a request (embed_batch_size), newlines turned into spaces, so an
+    empty chunk "\n" arrives as " ", which /v1 embeds as OpenAI does."""
+    from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+
+    embedding = OpenAILikeEmbedding(model_name="bge_embed", api_base=f"{bge.url}/v1", max_retries=0)
+    texts = many_texts(25)
+    vectors = np.array(embedding.get_text_embedding_batch([*texts, "\n"]))
+    assert vectors.shape == (26, 48)
+    np.testing.assert_allclose(vectors[:25], seed_vectors(bge, texts), atol=1e-5)
+    query = np.array(embedding.get_query_embedding(TEXTS[1]))
+    np.testing.assert_allclose(query, text_vectors(bge, TEXTS[1:2])[0], atol=1e-5)
 
 
 def test_token_ids_errors_name_the_input_and_the_fix(bge, client_cl100k):
@@ -214,6 +265,20 @@ def test_huggingface_hub_inference_client_embeds_through_tei_embed(bge, monkeypa
     }
 
 
+def test_llamaindex_text_embeddings_inference_at_its_defaults(bge):
+    """LlamaIndex's TextEmbeddingsInference posts {"inputs": [...], "truncate": true} to /embed, 10 texts a request;
+    for a model name it does not know (the service's own), it adds no instruction of its own (it does for the
+    BGE and Instructor names it lists)."""
+    from llama_index.embeddings.text_embeddings_inference import TextEmbeddingsInference
+
+    embedding = TextEmbeddingsInference(model_name="bge_embed", base_url=bge.url)
+    texts = [*many_texts(24), LONG]  # LONG is over max_length: TEI's truncate=true cuts it, as the seed path does
+    vectors = np.array(embedding.get_text_embedding_batch(texts))
+    np.testing.assert_allclose(vectors, seed_vectors(bge, texts), atol=1e-5)
+    query = np.array(embedding.get_query_embedding(TEXTS[2]))
+    np.testing.assert_allclose(query, text_vectors(bge, TEXTS[2:3])[0], atol=1e-5)
+
+
 def test_tei_tokenize_info_and_errors_in_teis_shapes(bge, bge_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(bge_dir))
     answer = bge.post("/tokenize", json={"inputs": "一只猫"})
@@ -234,6 +299,14 @@ def test_tei_tokenize_info_and_errors_in_teis_shapes(bge, bge_dir):
         assert set(refused.json()) == {"error", "error_type"} and refused.json()["error_type"] == "Validation"
     # The seed's /embed/text is still its own API beside TEI's /embed.
     assert bge.post("/embed/text", json={"text": "猫"}).json()["dimension"] == 48
+
+
+def test_the_error_table_knows_every_tei_route():
+    """The API-key check answers in TEI's shape on the paths errors.TEI_PATHS names: exactly TEI's routes."""
+    from embed_http.errors import TEI_PATHS
+    from embed_http.tei import TEI_ROUTES
+
+    assert {route.path for route in TEI_ROUTES} == TEI_PATHS
 
 
 # -- logs: a client's mistake is one WARNING line ---------------------------------------------------------------

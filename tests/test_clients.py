@@ -102,6 +102,22 @@ def test_langchain_jina_rerank_reranks_and_shows_the_services_message(rerank_4b,
     assert str(failure.value) == f"`documents` holds {ITEM_LIMIT + 1} items; at most {ITEM_LIMIT} per request"
 
 
+def test_llamaindex_jina_rerank_reranks_and_shows_the_services_message(rerank_4b, expected_scores):
+    """LlamaIndex's JinaRerank posts to {base_url}/rerank and raises RuntimeError(body["detail"]) without results."""
+    from llama_index.core.schema import NodeWithScore, TextNode
+    from llama_index.postprocessor.jinaai_rerank import JinaRerank
+
+    reranker = JinaRerank(base_url=f"{rerank_4b.url}/v1", api_key="unused", model="qwen3_4b_rerank", top_n=3)
+    nodes = [NodeWithScore(node=TextNode(text=document, id_=str(index))) for index, document in enumerate(DOCUMENTS)]
+    results = reranker.postprocess_nodes(nodes, query_str=QUERY)
+    assert [int(result.node.node_id) for result in results] == best_first(expected_scores)[:3]
+    assert all(abs(result.score - expected_scores[int(result.node.node_id)]) < 1e-4 for result in results)
+    too_many = [NodeWithScore(node=TextNode(text="a")) for _ in range(ITEM_LIMIT + 1)]
+    with pytest.raises(RuntimeError) as failure:
+        reranker.postprocess_nodes(too_many, query_str=QUERY)
+    assert str(failure.value) == f"`documents` holds {ITEM_LIMIT + 1} items; at most {ITEM_LIMIT} per request"
+
+
 def test_a_validation_400_on_rerank_is_one_warning_line(rerank_4b):
     before = rerank_4b.log_path.read_text(errors="replace")
     refused = rerank_4b.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS, "top_k": "2"})

@@ -262,6 +262,28 @@ def test_openai_client_with_a_wrong_key_raises_authentication_error(qwen3_8b):
     assert failure.value.body["code"] == "invalid_api_key"
 
 
+def test_teis_routes_refuse_a_wrong_key_in_teis_error_shape(qwen3_8b, monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for method, path in (("POST", "/embed"), ("POST", "/tokenize"), ("GET", "/info")):
+            refused = qwen3_8b.client.request(method, path, json={"inputs": "cat"}, headers=headers)
+            assert refused.status_code == 401, (path, refused.text)
+            assert refused.headers["www-authenticate"] == "Bearer"
+            body = refused.json()
+            assert set(body) == {"error", "error_type"} and body["error_type"] == "Unauthorized", (path, body)
+            assert "Authorization: Bearer <key>" in body["error"]
+    # A TEI client at its defaults (huggingface_hub sends its token as the bearer key).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HfHubHTTPError) as failure:
+        InferenceClient(model=f"{qwen3_8b.url}/embed", token="wrong").feature_extraction("cat")
+    assert failure.value.response.status_code == 401 and "API key" in str(failure.value)
+    vectors = InferenceClient(model=f"{qwen3_8b.url}/embed", token=API_KEY).feature_extraction(["cat"])
+    assert vectors.shape == (1, 64)
+
+
 # -- metrics -----------------------------------------------------------------------------------------------
 
 
