@@ -24,7 +24,6 @@ sys.path[:0] = [str(REPO)]
 
 from runners.config import RunnerConfig  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
-from runners.packed import PackedBert  # noqa: E402
 from runners.table import SERVICES  # noqa: E402
 from tests.conftest import build_qwen_tokenizer  # noqa: E402  (a tokenizer with Qwen's special tokens)
 
@@ -170,20 +169,19 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
             variants = {name: env for name, env in variants.items() if "compiled 32k" in name}
         # Reranking is this forward on query+document pairs of 150-350 tokens, read at the last position.
         sets["rerank pairs 150-350"] = token_texts(1024 // scale, 150, 350, shape["vocab_size"], 3)
-    if kind == "bert":  # PackedBert runs on the CPU only, until these rows show whether it pays on a GPU
-        variants["ours packed (PackedBert) 16k"] = {"EMBED_MAX_BATCH_TOKENS": "16384", "force_packed": "1"}
+    if kind == "bert":  # PackedBert: varlen flash attention, compiled glue, CLS rows only in the last layer
+        variants["ours packed 16k"] = {"EMBED_MAX_BATCH_TOKENS": "16384", "EMBED_COMPILE": "0"}
+        variants["ours packed+compiled 16k"] = {"EMBED_MAX_BATCH_TOKENS": "16384", "EMBED_COMPILE": "1"}
+        variants["ours packed+compiled 32k"] = {"EMBED_MAX_BATCH_TOKENS": "32768", "EMBED_COMPILE": "1"}
+        if final:
+            variants = {name: env for name, env in variants.items() if "compiled" in name}
     probe = sets["short 8-64"][:32]
     full_precision = None
 
     def runner_for(env):
         if env is None:
             return lambda batch: naive_hf(model, batch)
-        env = dict(env)
-        force_packed = env.pop("force_packed", None)
-        embedder = embedder_for(seed_name, model, tokenizer, **env)
-        if force_packed:
-            embedder.packed = PackedBert(model)
-        return embedder.embed_token_ids
+        return embedder_for(seed_name, model, tokenizer, **env).embed_token_ids
 
     for variant, env in variants.items():
         if env and env.pop("fp8", None):
@@ -221,9 +219,9 @@ def run_text_model(name, seed_name, kind, shape, tokenizer, peak, results, quick
                 flush=True,
             )
     if kind == "bert":
-        a = torch.stack(runner_for(variants["ours packed (PackedBert) 16k"])(probe))
+        a = torch.stack(runner_for({"EMBED_COMPILE": "1"})(probe))
         b = torch.stack(runner_for({"EMBED_PACKED": "0"})(probe))
-        check("PackedBert vs padded min cosine", name, a, b, results)
+        check("PackedBert packed+compiled vs padded min cosine", name, a, b, results)
     if kind == "qwen3" and full_precision is None:  # the fast path computes what the padded one does
         a = torch.stack(runner_for({"EMBED_COMPILE": "1"})(probe))
         b = torch.stack(runner_for({"EMBED_PACKED": "0"})(probe))

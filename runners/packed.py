@@ -2,10 +2,10 @@
 
 A micro-batch is one packed row of tokens, [total_tokens, hidden], with cumulative sequence
 offsets `cu_seqlens` marking where each text starts. Every matmul then works on real tokens only
-(no padding, whatever the length mix), and attention runs per sequence: for Qwen3, torch's own
-flash attention over packed sequences (`torch.nn.attention.varlen.varlen_attn`) on a GPU, a causal
-scaled-dot-product loop on the CPU; for BERT, one masked scaled-dot-product call over the batch
-padded for attention only (a small part of an encoder's work on short texts).
+(no padding, whatever the length mix), and attention runs per sequence: on a GPU torch's own flash
+attention over packed sequences (`torch.nn.attention.varlen.varlen_attn`, causal for Qwen3,
+bidirectional for BERT); on the CPU a causal scaled-dot-product loop for Qwen3, and for BERT one
+masked scaled-dot-product call over the batch padded for attention only.
 
 The weights are the Hugging Face model's own modules, used as they are (bitsandbytes layers
 included); only the glue between them is rewritten. tests/test_packed.py proves the result equals
@@ -57,10 +57,8 @@ def packed_forward_for(model: Any, config: Any, device: torch.device) -> PackedQ
         return None
     if supports_packing(model):
         return PackedQwen3(model, compile=config.compiles_on(device))
-    # BERT packs on the CPU, where it was measured (bench/cpu_serving.py); on GPUs Hugging Face's padded
-    # forward stays until a GPU run compares the two (bench/gpu_throughput.py, bert-large rows).
-    if supports_bert_packing(model) and device.type == "cpu":
-        return PackedBert(model)
+    if supports_bert_packing(model):
+        return PackedBert(model, compile=config.compiles_on(device))
     return None
 
 
@@ -219,18 +217,34 @@ class PackedBert:
     """forward(token_ids) -> last-layer hidden states [T, hidden] of a packed micro-batch, for BERT encoders.
 
     The model's own modules do the work (embeddings with positions restarting at each text, the
-    linear layers, LayerNorms and GELU on the packed tokens); only self-attention is rewritten: the
-    packed q/k/v are laid out [texts, longest, hidden] for one masked SDPA call and packed again.
+    linear layers, LayerNorms and GELU on the packed tokens); only self-attention is rewritten. On a GPU in
+    bf16/fp16 it is torch's flash attention over the packed sequences (bidirectional); elsewhere the packed
+    q/k/v are laid out [texts, longest, hidden] for one masked SDPA call and packed again. With compile, the
+    code between the matmuls (bias, GELU, residual, LayerNorm) is fused by torch.compile.
     """
 
-    compiled = False
-
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, compile: bool = False) -> None:
         if not supports_bert_packing(model):
             raise ValueError("PackedBert needs a BERT encoder with absolute position embeddings")
         self.model = model
         self.heads = model.config.num_attention_heads
         self.head_dim = model.config.hidden_size // self.heads
+        self._varlen = _varlen_attention()
+        self._after_attention = _bert_after_attention
+        self.compiled = compile
+        if compile:
+            self._after_attention = torch.compile(_bert_after_attention, dynamic=True)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile at start-up, as PackedQwen3 does; a compiler that fails means eager, not a crash."""
+        try:
+            for rows in ("all", "first"):
+                self.forward([[1, 2, 3], [4, 5]], rows=rows)
+                self.forward([[1, 2, 3]], rows=rows)
+        except Exception as exc:  # torch.compile raises many kinds of errors
+            log.warning("torch.compile failed (%s: %s); running the packed layers eagerly", type(exc).__name__, exc)
+            self._after_attention, self.compiled = _bert_after_attention, False
 
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[Sequence[int]], *, rows: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,26 +255,35 @@ class PackedBert:
         hidden = model.embeddings(
             input_ids=ids[None], position_ids=positions[None], token_type_ids=torch.zeros_like(ids)[None]
         )[0]
-        # Where each text's tokens sit in the [texts, longest] layout attention uses. Padding positions repeat
-        # the text's first token: as keys they are masked out, as queries their outputs are dropped.
-        lengths = cu_seqlens.diff().long()
-        longest = int(lengths.max())
-        offsets = torch.arange(longest, device=device)
-        real = offsets[None, :] < lengths[:, None]  # [n, longest]
-        starts = cu_seqlens[:-1, None].long()
-        layout = torch.where(real, starts + offsets[None, :], starts)
-        key_mask = real[:, None, None, :]  # attend to real keys only
+        longest = max(len(sequence) for sequence in token_ids)
+        flash = self._varlen is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+        layout = None if flash else _attention_layout(cu_seqlens, longest)
         final = len(model.encoder.layer) - 1
         for index, layer in enumerate(model.encoder.layer):
-            attention = layer.attention
-            out = self._attend(attention.self, hidden, layout, key_mask, real)
+            attention = layer.attention.self
+            if layout is None:
+                out = self._attend_flash(attention, hidden, cu_seqlens, longest)
+            else:
+                out = self._attend_padded(attention, hidden, *layout)
             if index == final:
                 cu_seqlens, out, hidden = keep_rows(rows, cu_seqlens, out, hidden)
-            hidden = attention.output(out, hidden)  # dense, residual, LayerNorm
-            hidden = layer.output(layer.intermediate(hidden), hidden)  # dense + GELU, dense, residual, LayerNorm
+            hidden = self._after_attention(out, hidden, layer)
         return hidden, cu_seqlens
 
-    def _attend(
+    def _attend_flash(
+        self, attention: Any, hidden: torch.Tensor, cu_seqlens: torch.Tensor, longest: int
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+
+        def heads(linear: Any) -> torch.Tensor:  # packed [T, hidden] -> [T, heads, head_dim]
+            return linear(hidden).view(tokens, self.heads, self.head_dim)
+
+        q, k, v = heads(attention.query), heads(attention.key), heads(attention.value)
+        assert self._varlen is not None
+        out = self._varlen(q, k, v, cu_seqlens, longest, 1, attention.scaling, causal=False)
+        return out.reshape(tokens, -1)
+
+    def _attend_padded(
         self, attention: Any, hidden: torch.Tensor, layout: torch.Tensor, key_mask: torch.Tensor, real: torch.Tensor
     ) -> torch.Tensor:
         texts, longest = layout.shape
@@ -271,6 +294,25 @@ class PackedBert:
         q, k, v = heads(attention.query), heads(attention.key), heads(attention.value)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=attention.scaling)
         return out.transpose(1, 2)[real].flatten(1)  # real positions only, in packed order: [T, hidden]
+
+
+def _attention_layout(cu_seqlens: torch.Tensor, longest: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each text's tokens sit in the [texts, longest] layout the padded attention uses, the keys' mask and
+    the real positions. Padding positions repeat the text's first token: as keys they are masked out, as queries
+    their outputs are dropped."""
+    lengths = cu_seqlens.diff().long()
+    offsets = torch.arange(longest, device=cu_seqlens.device)
+    real = offsets[None, :] < lengths[:, None]  # [n, longest]
+    starts = cu_seqlens[:-1, None].long()
+    layout = torch.where(real, starts + offsets[None, :], starts)
+    return layout, real[:, None, None, :], real
+
+
+def _bert_after_attention(out: torch.Tensor, hidden: torch.Tensor, layer: Any) -> torch.Tensor:
+    """A BERT layer after its attention: output dense, residual, LayerNorm; dense + GELU; dense, residual,
+    LayerNorm (the model's own modules, which torch.compile can fuse around the matmuls)."""
+    hidden = layer.attention.output(out, hidden)
+    return layer.output(layer.intermediate(hidden), hidden)
 
 
 # The swapped quantized layers (runners/fp8.py, runners/int8.py): their `quantized` weight, and its product.
@@ -341,12 +383,18 @@ def _varlen_attention():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    takes_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    parameters = inspect.signature(varlen_attn).parameters
+    takes_gqa = "enable_gqa" in parameters
+    windowed = "window_size" in parameters  # 2.11+; 2.10 has is_causal instead
 
-    def attend(q, k, v, cu_seqlens, longest, groups, scale):
+    def attend(q, k, v, cu_seqlens, longest, groups, scale, causal=True):
         if groups > 1 and not takes_gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         extra = {"enable_gqa": True} if groups > 1 and takes_gqa else {}
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale, window_size=(-1, 0), **extra)
+        if windowed:
+            extra["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            extra["is_causal"] = causal
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale, **extra)
 
     return attend

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel
 
 from runners.batching import plan_micro_batches
@@ -113,10 +115,13 @@ def test_padded_and_packed_embedders_agree(monkeypatch, request, seed_name, chec
     padded.close()
 
 
-def test_compiled_packed_layers_give_the_same_vectors(monkeypatch, qwen3_embedding_dir):
+@pytest.mark.parametrize(
+    ("seed_name", "checkpoint"), [("qwen3_8b_embed", "qwen3_embedding_dir"), ("bge_embed", "bge_dir")]
+)
+def test_compiled_packed_layers_give_the_same_vectors(monkeypatch, request, seed_name, checkpoint):
     """EMBED_COMPILE=1 (the GPU default, auto) compiles the packed layers at start-up; the vectors do not change."""
-    spec = SERVICES["qwen3_8b_embed"]
-    monkeypatch.setenv(spec.model_env, str(qwen3_embedding_dir))
+    spec = SERVICES[seed_name]
+    monkeypatch.setenv(spec.model_env, str(request.getfixturevalue(checkpoint)))
     monkeypatch.setenv("EMBED_DEVICE", "cpu")
     monkeypatch.setenv("EMBED_QUANTIZATION", "none")
     eager = TextEmbedder(spec, RunnerConfig.from_env(spec))
@@ -129,3 +134,54 @@ def test_compiled_packed_layers_give_the_same_vectors(monkeypatch, qwen3_embeddi
     assert torch.allclose(a, b, atol=1e-5)
     compiled.close()
     eager.close()
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **_):
+    """torch.nn.attention.varlen.varlen_attn as documented, written out: attention within each packed sequence;
+    window_size (-1, -1) lets every token see its whole sequence, (-1, 0) the tokens up to itself (causal)."""
+    out = torch.empty_like(q)
+    bounds = cu_seq_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        scores = torch.einsum("qhd,khd->hqk", q[start:end], k[start:end]) * scale
+        if window_size == (-1, 0):
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[start:end])
+    return out
+
+
+def test_packed_bert_on_a_gpu_runs_bidirectional_flash_attention_over_the_packed_texts(monkeypatch, minilm):
+    """The GPU branch (varlen flash attention, bf16) with the kernel replaced by its documented semantics: the same
+    hidden states as Hugging Face's padded forward, text by text. (The kernel itself: bench/gpu_throughput.py.)"""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+    model = copy.deepcopy(minilm).to(torch.bfloat16)  # flash attention takes half precision only
+    packed = PackedBert(model)
+    calls = []
+    flash = packed._varlen
+    packed._varlen = lambda *args, **kwargs: calls.append(kwargs) or flash(*args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # take the GPU branch on the CPU
+    hidden, cu_seqlens = packed.forward(BERT_TEXTS)
+    monkeypatch.undo()
+    assert calls == [{"causal": False}] * minilm.config.num_hidden_layers  # one per layer, bidirectional
+    for i, ids in enumerate(BERT_TEXTS):
+        expected = huggingface_alone(model, ids).float()
+        cosines = F.cosine_similarity(hidden[cu_seqlens[i] : cu_seqlens[i + 1]].float(), expected, dim=-1)
+        assert cosines.min() > 0.999, cosines  # both in bf16, by different kernels
+
+
+def test_xlm_roberta_positions_stay_on_the_padded_path(tmp_path):
+    """XLM-RoBERTa counts positions from padding_idx + 1, which PackedBert's 0..n-1 would get wrong: such a model
+    is not packed, and runs Hugging Face's own padded forward."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from runners.packed import packed_forward_for
+
+    config = XLMRobertaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=80, pad_token_id=1,
+    )  # fmt: skip
+    model = XLMRobertaModel(config).eval()
+    assert not supports_bert_packing(model)
+    settings = RunnerConfig.from_env(SERVICES["bge_embed"])
+    assert packed_forward_for(model, settings, torch.device("cpu")) is None
