@@ -1,6 +1,7 @@
 """Which int8 weight scheme is accurate enough: MiniLM's cosine to fp32 with each variant, on the CPU.
 
     python bench/int8_variants.py [--texts 300]
+    python bench/int8_variants.py --speed [--rounds 5] [--dtype float32]
 
 Each variant replaces every nn.Linear weight of the unquantized fp32 runner (the real all-MiniLM-L6-v2
 weights, `BGE_EMBED_MODEL=demo`) by its int8-rounded value in place, so only the rounding differs, never
@@ -9,6 +10,10 @@ and SHORT, one- and two-word texts, where the error is largest (a short text ave
 Variants: one scale per output channel (absmax, or the clip ratio of least squared error per row),
 per-group scales of 32/64/128 input columns (not a single fused product), the column factors of
 runners/int8.py after 1-16 balancing rounds, and per-channel int8 with one kind of layer left fp32.
+
+--speed: what the column scales cost. One process, MiniLM on 256 texts, the runs interleaved round by round
+(the best of each kept): unquantized, int8 as in runners/int8.py, and int8 through the products of one
+scale per channel only (the arithmetic before the column scales, wrong vectors, the same work otherwise).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +35,9 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from quant_accuracy import sentences, set_env  # noqa: E402
 
+import runners.int8 as int8  # noqa: E402
 from runners.config import RunnerConfig  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
-from runners.int8 import column_scales  # noqa: E402
 from runners.table import SERVICES  # noqa: E402
 
 WORDS = ["hi", "thanks", "maybe", "true", "false", "OK", "Yes", "No", "okay", "sure", "why", "what", "who",
@@ -64,7 +70,7 @@ def groups(size: int) -> Rounding:
 
 def balanced(rounds: int) -> Rounding:
     def rounding(w: torch.Tensor) -> torch.Tensor:
-        columns = column_scales(w, rounds)
+        columns = int8.column_scales(w, rounds)
         return per_channel(w / columns) * columns
 
     return rounding
@@ -78,15 +84,54 @@ KINDS = {
 }
 
 
+def runner_for(quantization: str, dtype: str = "float32") -> TextEmbedder:
+    spec = SERVICES["bge_embed"]
+    set_env(spec, "demo", quantization)
+    os.environ["EMBED_DTYPE"] = dtype
+    return TextEmbedder(spec, RunnerConfig.from_env(spec))
+
+
+def per_channel_products() -> tuple[Callable, Callable]:
+    def dequantizing(rows: torch.Tensor, weight: int8.Int8Weight) -> torch.Tensor:
+        return F.linear(rows, weight.data.to(rows.dtype)) * weight.scale.to(rows.dtype)
+
+    def fused(rows: torch.Tensor, weight: int8.Int8Weight) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows.contiguous(), weight.data, weight.scale.to(rows.dtype))
+
+    return dequantizing, fused
+
+
+def speed(rounds: int, dtype: str) -> None:
+    texts = sentences(256, seed=1)
+    full, quantized = runner_for("none", dtype), runner_for("int8", dtype)
+    committed = (int8.dequantizing_product, int8.fused_cpu_product)
+    variants = {f"unquantized {dtype}": (full, committed), "int8 (runners/int8.py)": (quantized, committed),
+                "int8, products of one scale per channel": (quantized, per_channel_products())}  # fmt: skip
+    for runner in (full, quantized):
+        asyncio.run(runner.embed(texts[:32]))  # warm-up
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(rounds):
+        for label, (runner, products) in variants.items():
+            int8.dequantizing_product, int8.fused_cpu_product = products  # int8_linear looks them up per call
+            start = time.perf_counter()
+            asyncio.run(runner.embed(texts))
+            best[label] = min(best[label], time.perf_counter() - start)
+    int8.dequantizing_product, int8.fused_cpu_product = committed
+    for label, seconds in best.items():
+        print(f"| {label} | {seconds:.2f} | {seconds / best[f'unquantized {dtype}']:.2f} |", flush=True)
+
+
 def main() -> None:
     logging.getLogger("runners").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser()
     parser.add_argument("--texts", type=int, default=300)
+    parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
-    spec = SERVICES["bge_embed"]
-    set_env(spec, "demo", "none")
-    runner = TextEmbedder(spec, RunnerConfig.from_env(spec))
+    if args.speed:
+        return speed(args.rounds, args.dtype)
+    runner = runner_for("none")
     texts = sentences(args.texts)
     everything = texts + SHORT
     linears = {name: m for name, m in runner.model.named_modules() if type(m) is torch.nn.Linear}

@@ -6,12 +6,12 @@ column_scale[None, :]. A per-channel scale alone lets a few large input columns 
 them) set the step of their whole row; dividing each column by its spread first (a Sinkhorn-style
 balancing of rows and columns, as in SINQ, arXiv 2509.22944, needing no calibration data) spends the 255
 levels on the weights that are there. Both scales stay outside the integer product, so it keeps its
-fused form: the column scales fold into the weight's conversion, or (the fused kernel) multiply x.
+fused form: x * column_scale (one elementwise pass over the activations), the int8 product, * scale.
 Inputs, accumulation and outputs stay in the model's dtype (bf16 on GPUs, fp32 on the CPU). Two ways to
 run the product, chosen by device and dtype:
 - `torch._weight_int8pack_mm`, one fused kernel, for bf16/fp16 on the CPU. Its fp32 CPU kernel is
   a matrix-vector loop, many times slower than fp32's own matmul on batches, so fp32 takes the other;
-- `x @ (int8 * column_scale).T * scale` elsewhere: one layer's weight converted at a time (never a
+- `x @ int8.to(dtype).T * scale` elsewhere: one layer's weight converted at a time (never a
   dequantized copy of the model); on GPUs the compiled packed forward lets Inductor fuse it.
 
 Hand-written rather than torchao's Int8WeightOnlyConfig (0.18): that is per-channel only and runs the
@@ -67,16 +67,17 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+# Both products put the column scales on the activations, [tokens, in]: small for a single query (the
+# memory-bound case), and fused by Inductor into the op that produces x in the compiled forward; folding them
+# into the weight instead would add a pass over [out, in] per call.
 def fused_cpu_product(rows: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    # The kernel takes the int8 weight as it is: the column scales go on the activations.
     scaled = (rows * weight.column_scale.to(rows.dtype)).contiguous()
     return torch._weight_int8pack_mm(scaled, weight.data, weight.scale.to(rows.dtype))
 
 
 def dequantizing_product(rows: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    # int8 x float is one kernel that converts and scales the columns in the same pass as a plain .to(dtype).
-    converted = weight.data * weight.column_scale.to(rows.dtype)
-    return F.linear(rows, converted) * weight.scale.to(rows.dtype)
+    scaled = rows * weight.column_scale.to(rows.dtype)
+    return F.linear(scaled, weight.data.to(rows.dtype)) * weight.scale.to(rows.dtype)
 
 
 class Int8Linear(QuantizedLinear):
