@@ -15,19 +15,19 @@ class QuantizedLinear(torch.nn.Module):
 
     quantize: ClassVar[Callable[[torch.Tensor], Any]]
     product: ClassVar[Callable[[torch.Tensor, Any], torch.Tensor]]
-    weight_type: ClassVar[type]
+    weight_type: ClassVar[type]  # a NamedTuple of tensors; each field is kept as the buffer weight_<field>
 
     def __init__(self, linear: torch.nn.Linear, device: torch.device) -> None:
         super().__init__()
-        data, scale = type(self).quantize(linear.weight.data.to(device))
-        self.register_buffer("weight_data", data)
-        self.register_buffer("weight_scale", scale)
+        weight = type(self).quantize(linear.weight.data.to(device))
+        for field, tensor in zip(self.weight_type._fields, weight, strict=True):  # weight_data, weight_scale, ...
+            self.register_buffer(f"weight_{field}", tensor)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.to(device))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     @property
     def quantized(self) -> Any:
-        return self.weight_type(self.weight_data, self.weight_scale)
+        return self.weight_type(*(getattr(self, f"weight_{field}") for field in self.weight_type._fields))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = type(self).product(x, self.quantized)

