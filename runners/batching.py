@@ -182,10 +182,6 @@ class _Job(Generic[Item]):
     taken: int = 0  # items handed to rounds so far
     results: list[Any] = field(default_factory=list)
 
-    @property
-    def remaining_cost(self) -> int:
-        return self.cumulative_cost[-1] - self.cumulative_cost[self.taken]
-
     def items_within(self, budget: float) -> int:
         """How many of the remaining items fit `budget` (at least one)."""
         end = bisect_right(self.cumulative_cost, self.cumulative_cost[self.taken] + budget) - 1
@@ -305,8 +301,9 @@ class Batcher(Generic[Item, Result]):
         for job in [job for job in self._queue if job.future.done()]:  # the caller went away: skip its work
             self._drop(job)
         small_cost = self.timer.slice_cost(SLICE_FACTOR)
-        small = [job for job in self._queue if small_cost is None or job.remaining_cost <= small_cost]
-        bulk = [job for job in self._queue if small_cost is not None and job.remaining_cost > small_cost]
+        # By the whole request's cost: the rest of a bulk request being sliced is still bulk, not a search.
+        small = [job for job in self._queue if small_cost is None or job.cumulative_cost[-1] <= small_cost]
+        bulk = [job for job in self._queue if small_cost is not None and job.cumulative_cost[-1] > small_cost]
         now = time.monotonic()
         if small and (bulk or self._last_round_bulk):  # a small request waited behind bulk work
             self._interactive_until = now + INTERACTIVE_HOLD_SECONDS

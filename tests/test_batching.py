@@ -242,3 +242,18 @@ def test_a_failing_slice_fails_its_own_request_only_and_the_rest_of_it_is_not_ru
     batcher.close()
     ran = [item for round_ in model.rounds for item in round_]
     assert "bulk-399" not in ran  # nobody waits for the rest of the failed request
+
+
+def test_the_rest_of_a_sliced_bulk_request_is_still_bulk():
+    """The last items of a bulk request are as cheap as a search, but they are not one: bulk alone never
+    switches the queue into the short slices kept for searches."""
+    model = TimedModel()
+    batcher = Batcher(model, max_batch_items=1024, name="test")
+
+    async def scenario():
+        await warm_up(batcher)
+        await asyncio.gather(*(batcher.submit([f"bulk{j}-{i}" for i in range(120)]) for j in range(2)))
+
+    asyncio.run(scenario())
+    batcher.close()
+    assert batcher._interactive_until == 0.0
