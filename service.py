@@ -362,6 +362,7 @@ def build_service(spec: ServiceSpec) -> t.Any:
         image_body = functools.partial(image_body_limit, spec)
         svc.add_asgi_middleware(RequestBodies, routes=form_routes, max_bytes=image_body, media_types=media_types)
     svc.add_asgi_middleware(ApiKeyAuth, spec=spec)
+    svc.add_asgi_middleware(clients.RecordRequestTask)  # innermost: in the task that runs the request's work
     return svc
 
 

@@ -1,14 +1,15 @@
-"""Slow clients, and new connections at shutdown.
+"""Slow clients, vanishing clients, and new connections at shutdown.
 
-- A client that sends its request headers byte by byte (slowloris) holds a connection, never a model slot (the
-  model only sees parsed requests), and is cut off with a 408 once EMBED_READ_TIMEOUT seconds (default 60) pass
-  before its headers are complete.
+- A client that sends its request byte by byte (slowloris) holds a connection, never a model slot (the model only
+  sees parsed requests), and is cut off with a 408 once EMBED_READ_TIMEOUT seconds (default 60) pass before its
+  headers are complete, and again before its body is.
+- A client that disconnects before its answer has its request's task cancelled: its items leave the queue.
 - On SIGTERM the listening socket stops accepting at once, while the requests in flight finish.
 
-uvicorn has no timeout for reading a request (its keep-alive timeout runs only between requests), and BentoML
-builds uvicorn's settings itself; so the headers' deadline is a small subclass of uvicorn's httptools protocol
-(a C parser, a runtime dependency: less CPU per request than h11's), registered under the name BentoML's
-settings select ("auto").
+uvicorn has no timeout for reading a request (its keep-alive timeout runs only between requests) and does not
+cancel a request whose client left; BentoML builds uvicorn's settings itself. So both are a small subclass of
+uvicorn's httptools protocol (a C parser, a runtime dependency: less CPU per request than h11's), registered
+under the name BentoML's settings select ("auto").
 """
 
 from __future__ import annotations
@@ -50,26 +51,40 @@ def _timeout_response() -> bytes:
     return head.encode() + _TIMEOUT_BODY
 
 
-class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request's headers: armed when the connection opens
-    or a request begins, disarmed once its headers are in (between requests uvicorn's keep-alive timeout applies)."""
+class ClientDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with two additions for clients that are slow or gone:
 
-    _header_timer: asyncio.TimerHandle | None = None
-    _headers_pending = True
+    - a deadline (EMBED_READ_TIMEOUT) for a request's headers, armed when the connection opens or a request
+      begins, and again for its body once the headers are in; a late client gets a 408 and is disconnected
+      (between requests uvicorn's keep-alive timeout applies);
+    - a client that disconnects before its answer is sent has its request's task cancelled, so that its
+      items leave the model's queue instead of being computed for nobody (runners/batching.py skips them).
+    """
+
+    _read_timer: asyncio.TimerHandle | None = None
+    _reading = "headers"  # what the timer waits for: "headers", "body", or "" once the request is in
+    _request_task: asyncio.Task | None = None
+    _hung_up = False
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self._arm("headers")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._headers_pending = True
-        self._arm()
+        # The tasks that run this request (BentoML runs the app in a task of its own): RecordRequestTask fills it.
+        self._request_tasks: list[asyncio.Task] = []
+        self.scope[REQUEST_TASKS] = self._request_tasks  # type: ignore[literal-required]
+        self._arm("headers")
 
     def on_headers_complete(self) -> None:
-        self._headers_pending = False
         self._disarm()
         super().on_headers_complete()
+        self._arm("body")  # disarmed at once by on_message_complete when there is none
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -77,30 +92,69 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._hung_up = True  # a request whose task has not started yet (request and EOF read at once) skips it
+            for task in [self._request_task, *getattr(self, "_request_tasks", [])]:
+                if task is not None and not task.done():
+                    task.cancel()
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(read_timeout(), self._headers_late)
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        async def tracked(scope: Any, receive: Any, send: Any) -> None:
+            if self._hung_up:
+                return
+            self._request_task = asyncio.current_task()
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                if not self._hung_up:
+                    raise  # a shutdown's cancellation, not ours
+                # Ours: the client left; nothing to answer, and nothing for uvicorn to log as an app error.
+
+        super()._start_asgi_task(cycle, tracked)
+
+    def _arm(self, reading: str) -> None:
+        self._disarm()
+        self._reading = reading
+        self._read_timer = self.loop.call_later(read_timeout(), self._late)
 
     def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._reading = ""
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
 
-    def _headers_late(self) -> None:
-        self._header_timer = None
-        if self._headers_pending and not self.transport.is_closing():
-            if self.cycle is None or self.cycle.response_complete:
+    def _late(self) -> None:
+        self._read_timer = None
+        if self._reading and not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
                 self.transport.write(_timeout_response())
             self.transport.close()
+
+
+REQUEST_TASKS = "embed.request_tasks"  # a scope key of ours: the protocol's list of the request's tasks
+
+
+class RecordRequestTask:
+    """ASGI middleware: records the task that runs the request in the list the protocol put in its scope, so that
+    a client's disconnect cancels the work itself (BentoML's timeout middleware runs the app in a task of its own,
+    which cancelling uvicorn's task would leave running)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        tasks = scope.get(REQUEST_TASKS)
+        if tasks is not None and (task := asyncio.current_task()) is not None:
+            tasks.append(task)
+        await self.app(scope, receive, send)
 
 
 def install_header_deadline() -> None:
     """Make uvicorn's "auto" HTTP protocol (the one BentoML's workers use) the one above."""
     from uvicorn import config
 
-    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:HeaderDeadlineProtocol"
+    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:ClientDeadlineProtocol"
 
 
 def _stop_listening(fd: int) -> None:
