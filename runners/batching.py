@@ -199,7 +199,7 @@ class _Slice(NamedTuple):
 # whole is "small". With no search for a while, slices are longer (fewer, more efficient passes), and the
 # first search after the quiet waits at most one of those.
 SLICE_FACTOR = 2.0
-QUIET_SLICE_FACTOR = 10.0
+QUIET_SLICE_FACTOR = 25.0
 # How long after the last small request arrived next to bulk work the bulk stays cut into slices.
 INTERACTIVE_HOLD_SECONDS = 10.0
 

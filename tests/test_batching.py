@@ -199,7 +199,7 @@ def test_bulk_work_alone_runs_in_longer_slices_than_next_to_searches():
     assert quiet == [f"QUIET-{i}" for i in range(300)] and busy == [f"BUSY-{i}" for i in range(300)]
     sizes = {kind: sorted(len(r) for r in model.rounds if r[0].startswith(kind)) for kind in ("quiet", "busy")}
     median = {kind: found[len(found) // 2] for kind, found in sizes.items()}
-    assert median["quiet"] >= 3 * median["busy"], sizes  # 10x and 2x a lone request's time
+    assert median["quiet"] >= 3 * median["busy"], sizes  # 25x and 2x a lone request's time
 
 
 def test_a_stream_of_searches_does_not_starve_bulk_work():
