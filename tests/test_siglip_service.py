@@ -112,7 +112,12 @@ def test_similarity_json_and_multipart(server, siglip_dir):
     as_json = ok(server.post("/similarity", json={"text": text, "images": [b64(data) for data in FILES]}))
     files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(FILES)]
     multipart = ok(server.post("/similarity", data={"text": text}, files=files))
-    assert as_json == multipart
+    # The same answer either way, to float noise: the queue may group the images into passes differently.
+    assert [s["index"] for s in as_json["scores"]] == [s["index"] for s in multipart["scores"]]
+    assert (as_json["scale"], as_json["bias"]) == (multipart["scale"], multipart["bias"])
+    assert close(
+        torch.tensor([s["cosine"] for s in as_json["scores"]]), torch.tensor([s["cosine"] for s in multipart["scores"]])
+    )
     cosines = reference_images(siglip_dir, PICTURES) @ reference_texts(siglip_dir, [text])[0]
     scale, bias = as_json["scale"], as_json["bias"]
     assert [score["index"] for score in as_json["scores"]] == [0, 1, 2]
