@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The one prepared GPU run for a session that gets a device (15 minutes in all, one command of at most 10):
+# the most important rows first, each part under its own time limit so that one slow part cannot take the
+# rest of the lease. Results go to $OUT (the device tool's folder) or bench/results/.
+#   run: bash bench/gpu_session.sh        (smoke test on any machine: bash bench/gpu_session.sh --smoke)
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/results}
+mkdir -p "$out"
+smoke=${1:-}
+part() {
+    local limit=$1
+    shift
+    echo "== $* (at most ${limit}s)"
+    timeout "$limit" "$@" $smoke 2>&1 | tail -40
+}
+part 170 python bench/gpu_quantization.py --out "$out/gpu_quantization.json"          # issue 17: int8 vs bf16
+part 110 python bench/gpu_throughput.py --final --only bert-large --out "$out/gpu_bert.json"  # issue 13: PackedBert
+part 110 python bench/gpu_siglip.py --images 1024 --out "$out/gpu_siglip.json"           # issue 13: vision tower
+if [ -z "$smoke" ]; then  # a real CUDA OOM needs a GPU (no smoke mode)
+    timeout 60 python bench/gpu_faults.py --out "$out/gpu_faults.json" 2>&1 | tail -40  # issue 15
+fi
