@@ -11,7 +11,15 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embed_http.errors import PROTOCOL_PREFIXES, STATUS, error_response, openai_error_body, refused_key
+from embed_http.errors import (
+    PROTOCOL_PREFIXES,
+    STATUS,
+    TEI_PATHS,
+    error_response,
+    openai_error_body,
+    refused_key,
+    tei_error,
+)
 from runners.config import setting
 from runners.table import ServiceSpec
 
@@ -85,13 +93,21 @@ class RequestBodies:
 
 class ProtocolErrors:
     """On /v1/* and /v2/*, an error answer that is not yet OpenAI-shaped (Starlette's plain-text 404 and
-    405, BentoML's own errors, the API-key check's JSON) is rewritten into `{"error": {...}}`."""
+    405, BentoML's own errors, the body checks' JSON) is rewritten into `{"error": {...}}`; on TEI's routes,
+    into TEI's `{"error", "error_type"}`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTOCOL_PREFIXES):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith(PROTOCOL_PREFIXES):
+            shaped, render = already_openai_shaped, openai_answer
+        elif scope["path"] in TEI_PATHS:
+            shaped, render = already_tei_shaped, tei_answer
+        else:
             await self.app(scope, receive, send)
             return
         start: Message | None = None
@@ -109,8 +125,8 @@ class ProtocolErrors:
             if message.get("more_body", False):
                 return
             status, body = start["status"], b"".join(chunks)
-            if not already_openai_shaped(body):
-                rewritten = JSONResponse(openai_error_body(status, error_message(body, status)), status_code=status)
+            if not shaped(body):
+                rewritten = render(status, error_message(body, status))
                 extra = [(k, v) for k, v in start.get("headers", []) if k.lower() == b"www-authenticate"]
                 start = {**start, "headers": rewritten.raw_headers + extra}
                 body = rewritten.body
@@ -118,6 +134,22 @@ class ProtocolErrors:
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
         await self.app(scope, receive, reshape)
+
+
+def openai_answer(status: int, message: str) -> JSONResponse:
+    return JSONResponse(openai_error_body(status, message), status_code=status)
+
+
+def tei_answer(status: int, message: str) -> JSONResponse:
+    return tei_error(status, message)
+
+
+def already_tei_shaped(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("error"), str) and "error_type" in data
 
 
 def already_openai_shaped(body: bytes) -> bool:

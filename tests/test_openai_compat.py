@@ -186,6 +186,18 @@ def test_routing_errors_on_v1_are_openai_shaped_and_seed_paths_keep_their_own(qw
     assert seed.status_code == 400 and isinstance(seed.json()["error"], str)  # the project's own shape
 
 
+def test_tei_routes_refuse_an_oversized_or_non_json_body_in_teis_shape(qwen3_8b):
+    """The body checks answer before any route: on TEI's /embed their 413 and 415 come in TEI's error shape."""
+    big = authorized(qwen3_8b, "POST", "/embed", json={"inputs": "a" * (2 * MAX_REQUEST_MB * 2**20)})
+    assert big.status_code == 413, big.text[:200]
+    assert big.json()["error_type"] == "Validation" and str(MAX_REQUEST_MB * 2**20) in big.json()["error"]
+    as_text = authorized(
+        qwen3_8b, "POST", "/embed", content=b'{"inputs": "cat"}', headers={"Content-Type": "text/plain"}
+    )
+    assert as_text.status_code == 415 and set(as_text.json()) == {"error", "error_type"}
+    assert authorized(qwen3_8b, "POST", "/embed", json={"inputs": "cat"}).status_code == 200
+
+
 def test_v1_honours_the_body_limit_and_media_type_of_the_seed_paths(qwen3_8b):
     """EMBED_MAX_REQUEST_MB and the JSON-only check hold on /v1/* as on the seed paths, in OpenAI's shape."""
     big = {"input": "a" * (2 * MAX_REQUEST_MB * 2**20)}  # 2 MB of text: over the 1 MB limit
