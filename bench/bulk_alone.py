@@ -11,21 +11,19 @@ captions of 18-90 words each, back to back: a warm-up of 4 requests, then twice 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_serving import REPO, _Connection, free_port, http_post, sentences, start, stop  # noqa: E402
+from cpu_serving import REPO, _Connection, http_post, long_captions, sentences, start_demo_service, stop  # noqa: E402
 
 BULK_TEXTS = 64
 
 
 def bulk_batches() -> list[list[str]]:
-    captions = sentences(BULK_TEXTS * 8 + 2, seed=2)
-    long_captions = [" ".join(captions[i : i + 3]) for i in range(len(captions) - 2)]
-    return [long_captions[i : i + BULK_TEXTS] for i in range(0, BULK_TEXTS * 8, BULK_TEXTS)]
+    captions = long_captions(BULK_TEXTS * 8)
+    return [captions[i : i + BULK_TEXTS] for i in range(0, BULK_TEXTS * 8, BULK_TEXTS)]
 
 
 async def searches(port: int, count: int) -> None:
@@ -57,12 +55,7 @@ async def bulk(port: int, requests: int, clients: int = 2) -> float:
 
 
 def main() -> None:
-    port = free_port()
-    env = {**os.environ, "BGE_EMBED_MODEL": "demo", "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "bentoml", "serve", "service:BgeEmbed", "--port", str(port), "--host", "127.0.0.1"]
-    logs = REPO / "bench" / "logs"
-    logs.mkdir(exist_ok=True)
-    process = start(command, env, f"http://127.0.0.1:{port}/health", logs / "bulk_alone.log")
+    process, port = start_demo_service(REPO / "bench" / "logs" / "bulk_alone.log")
     try:
         asyncio.run(searches(port, 30))
         asyncio.run(bulk(port, 4))

@@ -18,14 +18,13 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_serving import REPO, _load, free_port, machine, measure_in_process, sentences, start, stop  # noqa: E402
+from cpu_serving import REPO, _load, machine, measure_in_process, sentences, start_demo_service, stop  # noqa: E402
 
 CONNECTIONS = 32
 
@@ -104,12 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     texts = [sentences(1024)[i % 1024] for i in range(args.requests)]
     before = measure_in_process(texts[:1024], repeats=3)
-    port = free_port()
-    env = {**os.environ, "BGE_EMBED_MODEL": "demo", "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "bentoml", "serve", "service:BgeEmbed", "--port", str(port), "--host", "127.0.0.1"]
-    logs = REPO / "bench" / "logs"
-    logs.mkdir(exist_ok=True)
-    process = start(command, env, f"http://127.0.0.1:{port}/health", logs / "cpu_clients.log")
+    process, port = start_demo_service(REPO / "bench" / "logs" / "cpu_clients.log")
     try:
         rows = [measure(f"http://127.0.0.1:{port}/embed/text", client, texts) for client in args.clients.split(",")]
     finally:

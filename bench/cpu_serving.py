@@ -243,13 +243,25 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def measure_service(texts: list[str], requests: int, logs: Path) -> tuple[list[dict], list[float]]:
-    import httpx
-
+def start_demo_service(log_path: Path) -> tuple[subprocess.Popen, int]:
+    """`BGE_EMBED_MODEL=demo bentoml serve service:BgeEmbed` (CPU) on a free port, once /health answers."""
     port = free_port()
     env = {**os.environ, "BGE_EMBED_MODEL": "demo", "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true"}
     command = [sys.executable, "-m", "bentoml", "serve", "service:BgeEmbed", "--port", str(port), "--host", "127.0.0.1"]
-    process = start(command, env, f"http://127.0.0.1:{port}/health", logs / "service.log")
+    log_path.parent.mkdir(exist_ok=True)
+    return start(command, env, f"http://127.0.0.1:{port}/health", log_path), port
+
+
+def long_captions(count: int, seed: int = 2) -> list[str]:
+    """Captions of 18-90 words: three of `sentences` joined (what an indexing job's bulk requests carry)."""
+    captions = sentences(count + 2, seed=seed)
+    return [" ".join(captions[i : i + 3]) for i in range(count)]
+
+
+def measure_service(texts: list[str], requests: int, logs: Path) -> tuple[list[dict], list[float]]:
+    import httpx
+
+    process, port = start_demo_service(logs / "service.log")
     try:
         url = f"http://127.0.0.1:{port}/embed/text"
         vector = httpx.post(url, json={"text": texts[0]}, timeout=60).json()["embedding"]

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_serving import REPO, _Connection, free_port, http_post, machine, sentences, start, stop  # noqa: E402
+from cpu_serving import REPO, _Connection, http_post, long_captions, machine, sentences, start_demo_service, stop  # noqa: E402
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -94,16 +93,9 @@ async def next_to_bulk(base: str, queries: list[str], batches: list[list[str]], 
 
 def run(args: argparse.Namespace) -> dict:
     queries = sentences(args.searches, seed=1)
-    captions = sentences(args.bulk_texts * 8 + 2, seed=2)
-    long_captions = [" ".join(captions[i : i + 3]) for i in range(len(captions) - 2)]  # 18-90 words
-    batches = [long_captions[i : i + args.bulk_texts] for i in range(0, len(long_captions), args.bulk_texts)]
-    batches = [batch for batch in batches if len(batch) == args.bulk_texts]
-    port = free_port()
-    env = {**os.environ, "BGE_EMBED_MODEL": "demo", "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "bentoml", "serve", "service:BgeEmbed", "--port", str(port), "--host", "127.0.0.1"]
-    logs = REPO / "bench" / "logs"
-    logs.mkdir(exist_ok=True)
-    process = start(command, env, f"http://127.0.0.1:{port}/health", logs / "latency.log")
+    captions = long_captions(args.bulk_texts * 8)
+    batches = [captions[i : i + args.bulk_texts] for i in range(0, len(captions), args.bulk_texts)]
+    process, port = start_demo_service(REPO / "bench" / "logs" / "latency.log")
     base = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(searches(f"{base}/embed/text", queries[:20], 0.0))  # warm-up
