@@ -362,7 +362,6 @@ def build_service(spec: ServiceSpec) -> t.Any:
         image_body = functools.partial(image_body_limit, spec)
         svc.add_asgi_middleware(RequestBodies, routes=form_routes, max_bytes=image_body, media_types=media_types)
     svc.add_asgi_middleware(ApiKeyAuth, spec=spec)
-    svc.add_asgi_middleware(clients.RecordRequestTask)  # innermost: in the task that runs the request's work
     return svc
 
 
@@ -388,6 +387,7 @@ record_spans_only_when_exported()
 clients.read_timeout()
 clients.install_header_deadline()
 clients.install_refuse_on_shutdown()
+clients.install_timeout_releasing_timer()  # BentoML's request timeout held every request's context for 600 s
 
 # Module-level names, so that `bentoml serve service:<Class>` finds them.
 Siglip2Embed = build_service(SERVICES["siglip2_embed"])

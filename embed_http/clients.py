@@ -5,6 +5,8 @@
   headers are complete, and again before its body is.
 - A client that disconnects before its answer has its request's task cancelled: its items leave the queue.
 - On SIGTERM the listening socket stops accepting at once, while the requests in flight finish.
+- A finished request leaves nothing behind: BentoML's request timeout kept its timer armed for the whole timeout
+  (600 s), and with it the request's context (its tracing span and more), so memory grew with the request rate.
 
 uvicorn has no timeout for reading a request (its keep-alive timeout runs only between requests) and does not
 cancel a request whose client left; BentoML builds uvicorn's settings itself. So both are a small subclass of
@@ -21,6 +23,8 @@ import os
 import socket
 from typing import Any
 
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 DEFAULT_READ_TIMEOUT = 60.0
@@ -72,9 +76,6 @@ class ClientDeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        # The tasks that run this request (BentoML runs the app in a task of its own): RecordRequestTask fills it.
-        self._request_tasks: list[asyncio.Task] = []
-        self.scope[REQUEST_TASKS] = self._request_tasks  # type: ignore[literal-required]
         self._arm("headers")
 
     def on_headers_complete(self) -> None:
@@ -94,9 +95,10 @@ class ClientDeadlineProtocol(HttpToolsProtocol):
         self._disarm()
         if self.cycle is not None and not self.cycle.response_complete:
             self._hung_up = True  # a request whose task has not started yet (request and EOF read at once) skips it
-            for task in [self._request_task, *getattr(self, "_request_tasks", [])]:
-                if task is not None and not task.done():
-                    task.cancel()
+            # Cancelled with it: the app's own task, which BentoML's timeout middleware runs (as the service
+            # installs it, TimeoutMiddlewareReleasingTimer below).
+            if self._request_task is not None and not self._request_task.done():
+                self._request_task.cancel()
         super().connection_lost(exc)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
@@ -132,22 +134,48 @@ class ClientDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-REQUEST_TASKS = "embed.request_tasks"  # a scope key of ours: the protocol's list of the request's tasks
+class TimeoutMiddlewareReleasingTimer(TimeoutMiddleware):
+    """BentoML's TimeoutMiddleware (a 504 once the service's traffic timeout passes without an answer starting),
+    with two fixes:
 
-
-class RecordRequestTask:
-    """ASGI middleware: records the task that runs the request in the list the protocol put in its scope, so that
-    a client's disconnect cancels the work itself (BentoML's timeout middleware runs the app in a task of its own,
-    which cancelling uvicorn's task would leave running)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    - its timer is cancelled when the request ends. BentoML's never is: the timer and the copy of the request's
+      context it holds (the tracing span, its attributes) lived for the whole timeout after every request;
+    - when the request's task is cancelled (its client left), so is the app's task, which BentoML's left running.
+    """
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        tasks = scope.get(REQUEST_TASKS)
-        if tasks is not None and (task := asyncio.current_task()) is not None:
-            tasks.append(task)
-        await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def send_and_stop_waiting(message: Any) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        # The app in a task of its own, as BentoML runs it.
+        work = asyncio.ensure_future(self.app(scope, receive, send_and_stop_waiting))
+        try:
+            await waiter
+        except asyncio.TimeoutError:
+            if work.cancel():
+                late = {"error": f"Not able to process the request in {self.timeout} seconds"}
+                await JSONResponse(late, status_code=504)(scope, receive, send)
+        else:
+            await work
+        finally:
+            timer.cancel()
+            if not work.done():  # this request's own task was cancelled (its client left): so is the work
+                work.cancel()
+
+
+def install_timeout_releasing_timer() -> None:
+    """Make BentoML build its timeout middleware from the class above (it looks the class up as it builds)."""
+    from bentoml._internal.server.http import traffic
+
+    traffic.TimeoutMiddleware = TimeoutMiddlewareReleasingTimer
 
 
 def install_header_deadline() -> None:
