@@ -11,7 +11,8 @@
 uvicorn has no timeout for reading a request (its keep-alive timeout runs only between requests) and does not
 cancel a request whose client left; BentoML builds uvicorn's settings itself. So both are a small subclass of
 uvicorn's httptools protocol (a C parser, a runtime dependency: less CPU per request than h11's), registered
-under the name BentoML's settings select ("auto").
+under the name BentoML's settings select ("auto"). BentoML's timeout middleware is replaced by a subclass that
+BentoML's app factory finds under the same name.
 """
 
 from __future__ import annotations
@@ -134,6 +135,13 @@ class ClientDeadlineProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+def install_header_deadline() -> None:
+    """Make uvicorn's "auto" HTTP protocol (the one BentoML's workers use) ClientDeadlineProtocol."""
+    from uvicorn import config
+
+    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:ClientDeadlineProtocol"
+
+
 class TimeoutMiddlewareReleasingTimer(TimeoutMiddleware):
     """BentoML's TimeoutMiddleware (a 504 once the service's traffic timeout passes without an answer starting),
     with two fixes:
@@ -176,13 +184,6 @@ def install_timeout_releasing_timer() -> None:
     from bentoml._internal.server.http import traffic
 
     traffic.TimeoutMiddleware = TimeoutMiddlewareReleasingTimer
-
-
-def install_header_deadline() -> None:
-    """Make uvicorn's "auto" HTTP protocol (the one BentoML's workers use) the one above."""
-    from uvicorn import config
-
-    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:ClientDeadlineProtocol"
 
 
 def _stop_listening(fd: int) -> None:
