@@ -162,10 +162,11 @@ def test_a_short_soak_keeps_files_threads_and_memory_flat(served):
     for phase in phases[1:]:
         assert phase.fds <= warm.fds + 8, [p.fds for p in phases]
         assert phase.threads <= warm.threads + 4, [p.threads for p in phases]
-    # Memory settles once the first phases have seen the batch shapes (BENCHMARKS.md, "Soak": +8 MiB over 5000
-    # requests after the warm-up; it grew about 85 MiB per 250 requests before the queue's slices and httptools).
+    # Memory settles once the first phases have seen the largest passes (the C allocator keeps their tensors' pages:
+    # steps of up to 57 MiB over 3 such phases in BENCHMARKS.md's soaks); it grew about 85 MiB per 250 requests
+    # before the queue's slices and httptools. What a finished request itself leaves is tests/test_request_timeout.py's.
     rss = [round(p.rss_mib) for p in phases]
-    assert rss[-1] - rss[1] <= 64, rss
+    assert rss[-1] - rss[1] <= 96, rss
     assert sum(p.statuses["cancelled"] for p in phases) > 20
 
 
