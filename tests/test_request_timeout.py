@@ -30,6 +30,20 @@ async def answer_at_once(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
+def slow_app() -> tuple[object, list[bool]]:
+    """An app that takes 30 s to answer, and the list it appends to when it is cancelled."""
+    cancelled: list[bool] = []
+
+    async def slow(scope, receive, send) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    return slow, cancelled
+
+
 async def receive() -> dict:
     return {"type": "http.request", "body": b"", "more_body": False}
 
@@ -68,14 +82,7 @@ def test_a_finished_request_is_let_go_at_once(loop):
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_request_past_the_timeout_gets_bentomls_504_and_its_work_is_cancelled(loop):
-    cancelled = []
-
-    async def slow(scope, receive, send) -> None:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
+    slow, cancelled = slow_app()
 
     async def scenario() -> list[dict]:
         sent: list[dict] = []
@@ -97,14 +104,7 @@ def test_a_request_past_the_timeout_gets_bentomls_504_and_its_work_is_cancelled(
 def test_a_request_whose_task_is_cancelled_cancels_its_work_too(loop):
     """A client that hangs up: uvicorn's task for the request is cancelled (embed_http/clients.py), and the app's
     own task with it, not left to compute for nobody."""
-    cancelled = []
-
-    async def slow(scope, receive, send) -> None:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
+    slow, cancelled = slow_app()
 
     async def scenario() -> list[bool]:
         async def send(message: dict) -> None:
