@@ -74,7 +74,11 @@ def main() -> None:
         "photos": result.embedded,
         "photos_per_s": result.embedded / result.seconds,
         "idle": figures(idle),
-        "while_indexing": {**figures(during), "searches": len(during), "each_ms": [round(1000 * seconds) for seconds in during]},
+        "while_indexing": {
+            **figures(during),
+            "searches": len(during),
+            "each_ms": [round(1000 * seconds) for seconds in during],
+        },
     }
     row["p99_while_indexing_over_idle_p50"] = row["while_indexing"]["p99_ms"] / row["idle"]["p50_ms"]
     print(json.dumps(row, indent=1))
