@@ -18,11 +18,12 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,9 @@ def main() -> None:
         url = f"{served.url}/embed/text"
         asyncio.run(searches(url, queries[:10], args.pause))  # warm-up
         idle = asyncio.run(searches(url, queries, args.pause))
-        with ThreadPoolExecutor(1) as pool:
+        # The indexing client in a process of its own, as it would be: in this one, its JSON encoding of a batch of
+        # photos (tens of MB, holding the GIL) would stall the searches' own client and count against the service.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             options = {"store": work / "store", "service": served.url, "text_service": None, "progress": False}
             indexing = pool.submit(index_folder, work / "photos", **options)
             time.sleep(5)  # the indexing's first batches are in the queue
