@@ -66,23 +66,22 @@ class ClientDeadlineProtocol(HttpToolsProtocol):
       items leave the model's queue instead of being computed for nobody (runners/batching.py skips them).
     """
 
-    _read_timer: asyncio.TimerHandle | None = None
-    _reading = "headers"  # what the timer waits for: "headers", "body", or "" once the request is in
+    _read_timer: asyncio.TimerHandle | None = None  # armed while headers or a body are awaited
     _request_task: asyncio.Task | None = None
     _hung_up = False
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm("headers")
+        self._arm()  # for the headers
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm("headers")
+        self._arm()  # for the headers
 
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
-        self._arm("body")  # disarmed at once by on_message_complete when there is none
+        self._arm()  # for the body; disarmed at once by on_message_complete when there is none
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -116,20 +115,18 @@ class ClientDeadlineProtocol(HttpToolsProtocol):
 
         super()._start_asgi_task(cycle, tracked)
 
-    def _arm(self, reading: str) -> None:
+    def _arm(self) -> None:
         self._disarm()
-        self._reading = reading
         self._read_timer = self.loop.call_later(read_timeout(), self._late)
 
     def _disarm(self) -> None:
-        self._reading = ""
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
 
     def _late(self) -> None:
         self._read_timer = None
-        if self._reading and not self.transport.is_closing():
+        if not self.transport.is_closing():  # a cancelled timer never runs: this one was still armed
             if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
                 self.transport.write(_timeout_response())
             self.transport.close()
