@@ -106,7 +106,7 @@ class ProtocolErrors:
         if scope["path"].startswith(PROTOCOL_PREFIXES):
             shaped, render = already_openai_shaped, openai_answer
         elif scope["path"] in TEI_PATHS:
-            shaped, render = already_tei_shaped, tei_answer
+            shaped, render = already_tei_shaped, tei_error
         else:
             await self.app(scope, receive, send)
             return
@@ -137,27 +137,27 @@ class ProtocolErrors:
 
 
 def openai_answer(status: int, message: str) -> JSONResponse:
+    """OpenAI's shape without openai_error's WWW-Authenticate: the reshaped answer keeps the original's header."""
     return JSONResponse(openai_error_body(status, message), status_code=status)
 
 
-def tei_answer(status: int, message: str) -> JSONResponse:
-    return tei_error(status, message)
+def json_object(body: bytes) -> dict | None:
+    """The body as a JSON object, or None when it is not one."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def already_tei_shaped(body: bytes) -> bool:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("error"), str) and "error_type" in data
+    data = json_object(body)
+    return data is not None and isinstance(data.get("error"), str) and "error_type" in data
 
 
 def already_openai_shaped(body: bytes) -> bool:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]
+    data = json_object(body)
+    return data is not None and isinstance(data.get("error"), dict) and "message" in data["error"]
 
 
 def error_message(body: bytes, status: int) -> str:
