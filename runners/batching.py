@@ -193,6 +193,10 @@ class _Slice(NamedTuple):
     start: int
     stop: int
 
+    @property
+    def cost(self) -> int:
+        return self.job.cumulative_cost[self.stop] - self.job.cumulative_cost[self.start]
+
 
 # While someone searches, a bulk round may last this many times the compute of a lone request's round:
 # the search then waits at most one such slice ahead of its own round. A request that fits such a slice
@@ -336,10 +340,11 @@ class Batcher(Generic[Item, Result]):
         round_, count = [], 0
         for job in jobs:
             take = min(job.items_within(budget), len(job.items) - job.taken, self._max_batch_items - count)
-            if round_ and (take < 1 or job.cumulative_cost[job.taken + take] - job.cumulative_cost[job.taken] > budget):
+            piece = _Slice(job, job.taken, job.taken + take)
+            if round_ and (take < 1 or piece.cost > budget):
                 break
-            round_.append(_Slice(job, job.taken, job.taken + take))
-            budget -= job.cumulative_cost[job.taken + take] - job.cumulative_cost[job.taken]
+            round_.append(piece)
+            budget -= piece.cost
             count += take
             if budget <= 0 or count >= self._max_batch_items:
                 break
@@ -397,7 +402,7 @@ class Batcher(Generic[Item, Result]):
             self._fail(round_[0].job, exc)
             return
         finished = time.perf_counter()
-        cost = sum(piece.job.cumulative_cost[piece.stop] - piece.job.cumulative_cost[piece.start] for piece in round_)
+        cost = sum(piece.cost for piece in round_)
         whole = sum(1 for piece in round_ if piece.start == 0 and piece.stop == len(piece.job.items))
         self.timer.record(whole if whole == len(round_) else 0, cost, finished - started)
         self._last_batch = (len(items), finished - started)
