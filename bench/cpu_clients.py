@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_serving import REPO, _load, machine, measure_in_process, sentences, start_demo_service, stop  # noqa: E402
+from cpu_serving import REPO, _load, append_report, machine, measure_in_process, sentences, start_demo_service, stop  # noqa: E402
 
 CONNECTIONS = 32
 
@@ -129,9 +129,7 @@ def main() -> None:
             f"| {row['client_cpu_ms_per_request']:.2f} |"
         )
     print("\n".join(lines))
-    if args.write:
-        with open(args.write, "a") as out:
-            out.write("\n" + "\n".join(lines) + "\n")
+    append_report(args.write, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

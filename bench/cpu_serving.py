@@ -308,6 +308,13 @@ def measure_infinity(texts: list[str], requests: int, logs: Path) -> tuple[list[
 # -- report ------------------------------------------------------------------------------------------------
 
 
+def append_report(path: Path | None, text: str) -> None:
+    """Append a benchmark's markdown to `path` (--write BENCHMARKS.md) after a blank line; nothing without one."""
+    if path is not None:
+        with path.open("a", encoding="utf-8") as out:
+            out.write("\n" + text)
+
+
 def cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     return dot / ((sum(x * x for x in a) ** 0.5) * (sum(y * y for y in b) ** 0.5))
@@ -408,9 +415,7 @@ def main() -> None:
     print(report)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    if args.write:
-        with args.write.open("a", encoding="utf-8") as file:
-            file.write("\n" + report)
+    append_report(args.write, report)
 
 
 if __name__ == "__main__":

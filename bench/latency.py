@@ -29,7 +29,17 @@ import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_serving import REPO, _Connection, http_post, long_captions, machine, sentences, start_demo_service, stop  # noqa: E402
+from cpu_serving import (
+    REPO,
+    _Connection,
+    append_report,
+    http_post,
+    long_captions,
+    machine,
+    sentences,
+    start_demo_service,
+    stop,
+)  # noqa: E402
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -150,9 +160,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    if args.write:
-        with open(args.write, "a") as out:
-            out.write("\n" + markdown(result, args.conditions))
+    append_report(args.write, markdown(result, args.conditions))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from cpu_serving import machine, sentences  # noqa: E402
+from cpu_serving import append_report, machine, sentences  # noqa: E402
 from index_corpus import corpus  # noqa: E402
 from index_cpu import base_224_checkpoint  # noqa: E402
 from latency import percentile, searches  # noqa: E402
@@ -101,9 +101,7 @@ def main() -> None:
         f"{row['photos_per_s']:.2f} photos/s.",
     ]
     print("\n".join(lines))
-    if args.write:
-        with open(args.write, "a") as out:
-            out.write("\n" + "\n".join(lines) + "\n")
+    append_report(args.write, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
