@@ -13,7 +13,6 @@ no less than it; the model's own resampling then makes the last step.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import io
@@ -22,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pybase64
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from .config import int_setting, setting
@@ -59,7 +59,6 @@ UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_")
 
 
 @functools.cache
@@ -155,7 +154,11 @@ def usable_cpus() -> int:
 
 
 def bytes_from_base64(text: str, limits: ImageLimits, param: str) -> bytes:
-    """Plain base64 (standard or URL-safe, padding optional, line breaks allowed) or a `data:` URI."""
+    """Plain base64 (standard or URL-safe, padding optional, line breaks allowed) or a `data:` URI.
+
+    Decoded by pybase64, which releases the GIL while it decodes: the stdlib's decoder (and any check done
+    byte by byte in Python) holds it for the whole of a 12-MP photo's text, and the model's thread, which
+    takes the GIL back after every operation, then waits (BENCHMARKS.md, search while indexing)."""
     payload = text.strip()
     if payload.startswith(("http://", "https://")):
         raise InputError(f"`{param}` looks like a URL; URLs are not fetched: send the image bytes", param=param)
@@ -167,22 +170,26 @@ def bytes_from_base64(text: str, limits: ImageLimits, param: str) -> bytes:
             raise InputError(
                 f"`{param}` is a data: URI that is not base64-encoded; use data:image/...;base64,<data>", param=param
             )
-    payload = "".join(payload.split())  # MIME-style base64 breaks lines
     if not payload:
         raise InputError(f"`{param}` is empty", param=param)
     if len(payload) * 3 // 4 > limits.max_bytes + 2:
-        raise InputError(
-            f"`{param}` is about {len(payload) * 3 // 4} bytes; at most {limits.max_bytes} bytes per image",
-            status=413,
-            param=param,
-        )
-    raw = payload.encode("ascii", errors="replace")
-    if not _BASE64_ALPHABET.issuperset(raw):
-        raise InputError(f"`{param}` is not valid base64 (it holds characters outside the alphabet)", param=param)
-    raw = raw.rstrip(b"=")
-    raw += b"=" * (-len(raw) % 4)
+        payload = "".join(payload.split())  # line breaks do not count against the limit
+        if len(payload) * 3 // 4 > limits.max_bytes + 2:
+            raise InputError(
+                f"`{param}` is about {len(payload) * 3 // 4} bytes; at most {limits.max_bytes} bytes per image",
+                status=413,
+                param=param,
+            )
     try:
-        return base64.b64decode(raw.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
+        return pybase64.b64decode(payload, validate=True)  # the usual form, decoded as it is
+    except (binascii.Error, ValueError):
+        pass
+    # Any other accepted form (MIME line breaks, URL-safe letters, no padding), normalized, then as strict.
+    payload = "".join(payload.split()).replace("-", "+").replace("_", "/").rstrip("=")
+    if not payload:
+        raise InputError(f"`{param}` is empty", param=param)
+    try:
+        return pybase64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"`{param}` is not valid base64: {exc}", param=param) from None
 

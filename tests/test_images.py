@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -236,6 +239,39 @@ def test_bad_base64(text, words):
     with pytest.raises(InputError) as caught:
         bytes_from_base64(text, LIMITS, "images[2]")
     assert words in caught.value.message and caught.value.param == "images[2]" and caught.value.status == 400
+
+
+def longest_stall_while(call, *args) -> tuple[float, float]:
+    """(the longest time another Python thread could not run during `call(*args)`, the call's duration)."""
+    ticks: list[int] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter_ns())
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    time.sleep(0.05)
+    start = time.perf_counter_ns()
+    call(*args)
+    end = time.perf_counter_ns()
+    stop.set()
+    ticker.join()
+    inside = [start] + [tick for tick in ticks if start <= tick <= end] + [end]
+    return max(b - a for a, b in itertools.pairwise(inside)) / 1e9, (end - start) / 1e9
+
+
+def test_base64_is_decoded_without_holding_the_gil():
+    """The model's thread takes the GIL back after every operation: a decoder that holds it for a whole photo
+    stalls the model's round next to it (BENCHMARKS.md). Here another thread keeps running meanwhile."""
+    limits = ImageLimits(max_bytes=200_000_000, max_pixels=LIMITS.max_pixels)
+    text = base64.b64encode(np.random.default_rng(0).bytes(120_000_000)).decode()
+    stall, duration = longest_stall_while(bytes_from_base64, text, limits, "image")
+    # The stdlib's decoder, for comparison: the other thread waits the whole call.
+    held, held_duration = longest_stall_while(base64.b64decode, text)
+    assert held > 0.5 * held_duration
+    assert stall < 0.25 * duration, (stall, duration)
 
 
 def test_base64_over_the_byte_limit_is_refused_before_decoding():
