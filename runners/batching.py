@@ -201,9 +201,11 @@ class _Slice(NamedTuple):
 # While someone searches, a bulk round may last this many times the compute of a lone request's round:
 # the search then waits at most one such slice ahead of its own round. A request that fits such a slice
 # whole is "small". With no search for a while, slices are longer (fewer, more efficient passes), and the
-# first search after the quiet waits at most one of those.
+# first search after the quiet waits at most one of those: so they last at most QUIET_SLICE_SECONDS (where
+# a lone round is that slow already, on a CPU, longer slices gain nothing anyway).
 SLICE_FACTOR = 2.0
 QUIET_SLICE_FACTOR = 25.0
+QUIET_SLICE_SECONDS = 0.5
 # How long after the last small request arrived next to bulk work the bulk stays cut into slices.
 INTERACTIVE_HOLD_SECONDS = 10.0
 
@@ -223,11 +225,15 @@ class RoundTimer:
             self.lone_seconds.append(seconds)
         self.seconds, self.cost = 0.9 * self.seconds + seconds, 0.9 * self.cost + cost
 
-    def slice_cost(self, factor: float) -> float | None:
-        """The cost a round of `factor` x a lone request's compute time holds; None until both are known."""
+    def slice_cost(self, quiet: bool = False) -> float | None:
+        """The cost a bulk slice may hold, next to searches or in a quiet spell; None until the speeds are known."""
         if not self.lone_seconds or self.cost <= 0 or self.seconds <= 0:
             return None
-        return factor * min(self.lone_seconds) * self.cost / self.seconds
+        lone = min(self.lone_seconds)
+        seconds = SLICE_FACTOR * lone
+        if quiet:
+            seconds = max(seconds, min(QUIET_SLICE_FACTOR * lone, QUIET_SLICE_SECONDS))
+        return seconds * self.cost / self.seconds
 
 
 class Batcher(Generic[Item, Result]):
@@ -304,7 +310,7 @@ class Batcher(Generic[Item, Result]):
         """The next round: small requests first and whole; bulk work in time-capped slices between them."""
         for job in [job for job in self._queue if job.future.done()]:  # the caller went away: skip its work
             self._drop(job)
-        small_cost = self.timer.slice_cost(SLICE_FACTOR)
+        small_cost = self.timer.slice_cost()
         # By the whole request's cost: the rest of a bulk request being sliced is still bulk, not a search.
         small = [job for job in self._queue if small_cost is None or job.cumulative_cost[-1] <= small_cost]
         bulk = [job for job in self._queue if small_cost is not None and job.cumulative_cost[-1] > small_cost]
@@ -314,8 +320,7 @@ class Batcher(Generic[Item, Result]):
         if small and (not bulk or self._last_round_bulk):  # alternate, so that bulk work is never starved
             round_ = self._whole_jobs(small)
         else:
-            factor = SLICE_FACTOR if now < self._interactive_until else QUIET_SLICE_FACTOR
-            round_ = self._bulk_slice(bulk, self.timer.slice_cost(factor) or 0.0)
+            round_ = self._bulk_slice(bulk, self.timer.slice_cost(quiet=now >= self._interactive_until) or 0.0)
         self._last_round_bulk = any(piece.job in bulk for piece in round_)
         for piece in round_:
             piece.job.taken = piece.stop

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from runners import batching
 from runners.batching import Batcher, plan_micro_batches, run_in_order, run_splitting_on_oom
 from runners.errors import Overloaded
 
@@ -200,6 +201,25 @@ def test_bulk_work_alone_runs_in_longer_slices_than_next_to_searches():
     sizes = {kind: sorted(len(r) for r in model.rounds if r[0].startswith(kind)) for kind in ("quiet", "busy")}
     median = {kind: found[len(found) // 2] for kind, found in sizes.items()}
     assert median["quiet"] >= 3 * median["busy"], sizes  # 25x and 2x a lone request's time
+
+
+def test_quiet_slices_last_at_most_quiet_slice_seconds(monkeypatch):
+    """Where 25 lone rounds take long (a CPU), a quiet slice is capped, so that the first search after a
+    quiet spell does not wait for many seconds of bulk work; never below the slice next to searches."""
+    monkeypatch.setattr(batching, "QUIET_SLICE_SECONDS", 0.03)  # this stand-in's 25 lone rounds: ~0.125 s
+    model = TimedModel()
+    batcher = Batcher(model, max_batch_items=1024, name="test")
+
+    async def scenario():
+        await warm_up(batcher)
+        return await batcher.submit([f"quiet-{i}" for i in range(300)])
+
+    assert asyncio.run(scenario()) == [f"QUIET-{i}" for i in range(300)]
+    batcher.close()
+    quiet = [round_ for round_ in model.rounds if round_[0].startswith("quiet")]
+    assert sum(quiet, []) == [f"quiet-{i}" for i in range(300)]
+    seconds = sorted(model.fixed + model.per_item * len(round_) for round_ in quiet[:-1])  # the last is a rest
+    assert 0.01 <= seconds[len(seconds) // 2] <= 0.045, seconds  # about the cap, above 2 lone rounds (~0.01 s)
 
 
 def test_a_stream_of_searches_does_not_starve_bulk_work():
