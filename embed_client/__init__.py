@@ -15,6 +15,7 @@ that carries the service's own error message.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -117,6 +118,8 @@ class EmbedClient:
     def embed_images(self, images: Sequence[ImageInput]) -> list[list[float]]:
         """Several images' vectors, in input order. Uploaded as files, not base64 JSON: encoding a 12-MP photo's
         JSON costs this client about ten times the CPU of a multipart part (BENCHMARKS.md)."""
+        if not images:
+            return []  # an empty multipart body would be refused as a missing field
         parts = [_image_part("images", image) for image in images]
         return self._request("POST", "/embed/images", files=parts)["embeddings"]
 
@@ -168,7 +171,8 @@ class EmbedClient:
             except httpx.TransportError as exc:  # read timeout, reset: the service may be computing it still
                 raise Unreachable(f"{method} {self._http.base_url}{path}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUSES and not last:
-                time.sleep(_retry_after(response) or self.backoff * 2**attempt)
+                asked = _retry_after(response)  # 0 is an answer too: try again at once
+                time.sleep(self.backoff * 2**attempt if asked is None else asked)
                 continue
             if response.is_success:
                 return response.json()
@@ -177,11 +181,12 @@ class EmbedClient:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
+    """Retry-After in seconds (0 to 60), or None when absent or not a number (an HTTP date is not read)."""
     try:
-        return min(float(value), 60.0)
+        seconds = float(response.headers.get("retry-after", ""))
     except ValueError:
         return None
+    return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else None
 
 
 def _error_for(response: httpx.Response) -> ServiceError:

@@ -184,8 +184,12 @@ def bytes_from_base64(text: str, limits: ImageLimits, param: str) -> bytes:
         return pybase64.b64decode(payload, validate=True)  # the usual form, decoded as it is
     except (binascii.Error, ValueError):
         pass
-    # Any other accepted form (MIME line breaks, URL-safe letters, no padding), normalized, then as strict.
-    payload = "".join(payload.split()).replace("-", "+").replace("_", "/").rstrip("=")
+    # Any other accepted form, as strict once normalized (only the normalizing holds the GIL): MIME line breaks
+    # removed, URL-safe letters taken as + and / (mixed with them too), padding optional.
+    payload = "".join(payload.split())
+    if "-" in payload or "_" in payload:
+        payload = payload.replace("-", "+").replace("_", "/")
+    payload = payload.rstrip("=")
     if not payload:
         raise InputError(f"`{param}` is empty", param=param)
     try:

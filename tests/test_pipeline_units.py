@@ -66,6 +66,28 @@ def test_images_are_uploaded_as_files_in_order_and_sent_again_on_a_retry(tmp_pat
     assert parts(sent[1]) == [("images", "images", first), ("images", "beach.jpg", second)]
 
 
+def test_retry_after_is_honoured_as_sent_even_zero_and_a_bad_one_falls_back_to_the_backoff(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr("embed_client.time.sleep", slept.append)
+    waits = iter(["0", "2.5", "-3", "nan", "soon"])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        wait = next(waits, None)
+        if wait is None:
+            return httpx.Response(200, json={"embeddings": [[1.0]], "dimension": 1})
+        return httpx.Response(503, headers={"Retry-After": wait}, json={"error": "busy"})
+
+    with EmbedClient("http://bge", retries=5, backoff=0.5, transport=httpx.MockTransport(answer)) as client:
+        assert client.embed_texts(["a cat"]) == [[1.0]]
+    assert slept == [0.0, 2.5, 0.0, 0.5 * 2**3, 0.5 * 2**4]  # a negative wait is no wait; nan and words: backoff
+
+
+def test_no_images_are_no_vectors_without_a_request():
+    transport = httpx.MockTransport(lambda request: pytest.fail(f"sent {request.method} {request.url}"))
+    with EmbedClient("http://siglip", transport=transport) as client:
+        assert client.embed_images([]) == []
+
+
 def parts(request: httpx.Request) -> list[tuple[str, str, bytes]]:
     """A multipart request's parts as (field name, file name, bytes)."""
     assert request.headers["content-type"].startswith("multipart/form-data; boundary=")
