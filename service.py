@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import sys
 import typing as t
 
 # Before torch is imported (OpenMP reads these once): the model's OpenMP threads sleep when idle instead of
@@ -388,6 +389,10 @@ clients.read_timeout()
 clients.install_header_deadline()
 clients.install_refuse_on_shutdown()
 clients.install_timeout_releasing_timer()  # BentoML's request timeout held every request's context for 600 s
+# The model's thread lets go of the GIL at every torch operation and must get it back from the event loop's;
+# at Python's default switch interval (5 ms) a busy event loop makes each of those waits long enough to
+# stretch a forward pass many times over (BENCHMARKS.md, the GIL switch interval).
+sys.setswitchinterval(0.0005)
 
 # Module-level names, so that `bentoml serve service:<Class>` finds them.
 Siglip2Embed = build_service(SERVICES["siglip2_embed"])

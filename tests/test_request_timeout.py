@@ -7,13 +7,18 @@ import asyncio
 import contextvars
 import gc
 import json
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import uvloop
 from bentoml._internal.server.http import traffic
 
 from embed_http.clients import TimeoutMiddlewareReleasingTimer
+
+REPO = Path(__file__).resolve().parent.parent
 
 BENTOML_TIMEOUT = TimeoutMiddlewareReleasingTimer.__bases__[0]  # BentoML's own, whether or not it is installed
 LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
@@ -127,3 +132,12 @@ def test_the_service_builds_its_timeout_from_the_releasing_class():
     import service  # noqa: F401 - importing it installs the class
 
     assert traffic.TimeoutMiddleware is TimeoutMiddlewareReleasingTimer
+
+
+def test_the_service_shortens_the_gil_switch_interval():
+    """In a fresh interpreter (importing the service sets it for the whole process): below Python's 5 ms, so
+    that a busy event loop does not hold the model's thread back at every torch operation (BENCHMARKS.md)."""
+    script = "import sys; default = sys.getswitchinterval(); import service; print(default, sys.getswitchinterval())"
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    default, serving = map(float, found.stdout.split()[-2:])
+    assert default == 0.005 and serving <= 0.001
