@@ -98,7 +98,7 @@ def main() -> None:
             lambda: server_form(lambda request: request.form(max_part_size=part_limit)), args.repeats
         ),
         "server, multipart: read_form (in memory)": cpu_ms_per_photo(
-            lambda: server_form(lambda request: read_form(request, part_limit)), args.repeats
+            lambda: server_form(lambda request: read_form(request, "multipart/form-data", part_limit)), args.repeats
         ),
     }
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -43,7 +43,7 @@ class FormOrJSON(bentoml.IODescriptor):
         if content_type not in FORM_TYPES:
             return await super().from_http_request(request, serde)
         try:
-            form = await read_form(request, limits["form_field"])
+            form = await read_form(request, content_type, limits["form_field"])
         except (MultiPartException, HTTPException) as exc:  # Starlette re-raises parser errors as a 400 HTTPException
             return cls._rejected(InputError(f"the form could not be read: {getattr(exc, 'detail', exc)}"))
         unknown = sorted(set(form.keys()) - set(cls.model_fields))
@@ -65,24 +65,16 @@ class FormOrJSON(bentoml.IODescriptor):
         return cls.model_construct(**{name: Rejected(error) for name in cls.model_fields})
 
 
-class InMemoryMultiPartParser(MultiPartParser):
-    """Starlette's multipart parser, keeping each uploaded file in memory up to `spool_max_size`. Its default
-    (1 MB) writes a photo to a temporary file on disk, 64 KB at a time through a worker thread. The body's
-    size is capped before, so a form holds no more memory than a JSON body of the same images would."""
-
-    def __init__(self, *args: t.Any, spool_max_size: int, **kwargs: t.Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.spool_max_size = spool_max_size
-
-
-async def read_form(request: Request, max_part_size: int) -> FormData:
-    """A multipart form with its files in memory; a URL-encoded form as Starlette reads it."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+async def read_form(request: Request, content_type: str, max_part_size: int) -> FormData:
+    """A multipart form with its files kept in memory up to `max_part_size`; a URL-encoded form as Starlette
+    reads it. Starlette's own spool limit (1 MB) writes a photo to a temporary file on disk, 64 KB at a time
+    through a worker thread; the body's size is capped before, so a form holds no more memory than a JSON body
+    of the same images would."""
+    if content_type != "multipart/form-data":
         return await request.form(max_part_size=max_part_size)
     async with aclosing(request.stream()) as stream:
-        parser = InMemoryMultiPartParser(
-            request.headers, stream, max_part_size=max_part_size, spool_max_size=max_part_size
-        )
+        parser = MultiPartParser(request.headers, stream, max_part_size=max_part_size)
+        parser.spool_max_size = max_part_size
         return await parser.parse()
 
 

@@ -45,8 +45,9 @@ def test_uploaded_photos_stay_in_memory_and_in_order():
         during = open_files() - before
         return during, [await upload.read() for upload in form.getlist("images")]
 
-    spooled, _ = asyncio.run(held_files(lambda request: request.form(max_part_size=64 * 1024 * 1024)))
+    limit = 64 * 1024 * 1024
+    spooled, _ = asyncio.run(held_files(lambda request: request.form(max_part_size=limit)))
     assert spooled == len(photos)  # the check sees Starlette's temporary files
-    in_memory, read = asyncio.run(held_files(lambda request: read_form(request, 64 * 1024 * 1024)))
+    in_memory, read = asyncio.run(held_files(lambda request: read_form(request, "multipart/form-data", limit)))
     assert in_memory == 0
     assert read == photos
