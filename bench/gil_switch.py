@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import statistics
@@ -54,7 +55,7 @@ def main() -> None:
     os.environ.update({spec.model_env: "demo", "EMBED_DEVICE": "cpu", "EMBED_QUANTIZATION": "none"})
     embedder = TextEmbedder(spec, RunnerConfig.from_env(spec))
     captions = sentences(32, seed=3)
-    work = lambda: embedder._embed_batch(captions)  # noqa: E731
+    work = functools.partial(embedder._embed_batch, captions)
     work()
     body = json.dumps({"input": captions[:1], "model": "bge_embed"})
     answer = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1] * 384}]}

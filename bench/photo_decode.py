@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import json
 import os
@@ -114,8 +115,6 @@ def forward_cost(embedder, repeats: int) -> float:
 
 def through_service(model: Path, data: bytes, requests: int, logs: Path) -> dict:
     """The same 8 photos per request, as multipart files and then as base64 in JSON (what most clients send)."""
-    import base64
-
     import httpx
 
     port = free_port()

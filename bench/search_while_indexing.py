@@ -61,8 +61,8 @@ def main() -> None:
         url = f"{served.url}/embed/text"
         asyncio.run(searches(url, queries[:10], args.pause))  # warm-up
         idle = asyncio.run(searches(url, queries, args.pause))
-        # The indexing client in a process of its own, as it would be: in this one, its JSON encoding of a batch of
-        # photos (tens of MB, holding the GIL) would stall the searches' own client and count against the service.
+        # The indexing client in a process of its own, as it would be: in this one, its work on each batch of
+        # photos (reading tens of MB, encoding the request) would share the GIL with the searches' own client.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             options = {"store": work / "store", "service": served.url, "text_service": None, "progress": False}
             indexing = pool.submit(index_folder, work / "photos", **options)
