@@ -46,8 +46,7 @@ class Server:
     def __init__(self, class_name: str, env: dict[str, str], log_dir: Path) -> None:
         self.class_name, self.env, self.log_dir = class_name, env, log_dir
         self.starts, self.port, self.url = 0, 0, ""
-        self._thread = threading.Thread(target=self.start, daemon=True)
-        self._thread.start()
+        self.start_soon(0)
 
     def ready(self) -> Server:
         self._thread.join()
@@ -61,6 +60,11 @@ class Server:
         served = next(self._serving)
         self.url, self.process = served.url, served.process
         self.port = int(self.url.rsplit(":", 1)[1])
+
+    def start_soon(self, delay: float) -> None:
+        """Start it again after `delay` seconds, in the background (ready() and close() wait for it)."""
+        self._thread = threading.Thread(target=lambda: (time.sleep(delay), self.start()), daemon=True)
+        self._thread.start()
 
     def kill(self) -> None:
         """As a crash: SIGKILL the server and its workers (they run in process groups of their own), no goodbye."""
@@ -316,7 +320,7 @@ def test_killed_and_restarted_service_mid_index_loses_and_duplicates_nothing(lib
         if not restarted.is_set():
             restarted.set()
             server.kill()
-            threading.Thread(target=lambda: (time.sleep(1), server.start()), daemon=True).start()
+            server.start_soon(1)
 
     store = PhotoStore(":memory:")
     report = index_folder(
@@ -329,6 +333,7 @@ def test_killed_and_restarted_service_mid_index_loses_and_duplicates_nothing(lib
         max_wait=180,
         on_batch=crash_after_first_batch,
     )
+    server.ready()  # the restart's own wait for /health may end after the indexer found the service again
     assert restarted.is_set() and server.starts == 2
     stored = {record.path: record for record in store.records(with_vectors=True)}
     relative = {str(Path(path).relative_to(source)) for path in expected}
