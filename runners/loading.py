@@ -242,6 +242,31 @@ def quantize_after_loading(model: Any, config: RunnerConfig, device: torch.devic
         )
 
 
+# bitsandbytes' fast CPU kernel for 4-bit layers (taken on CPUs with AVX512-BF16) repacks each weight in blocks
+# of 32 output features and of its quantization block of input features, and fails a forward pass where they do
+# not divide (SigLIP2 so400m's 4304-wide MLP).
+BNB_CPU_4BIT_BLOCK = 32
+
+
+def keep_4bit_layers_off_unsupported_cpu_kernel(model: Any, device: torch.device) -> int:
+    """Layers whose width bitsandbytes' packed CPU kernel cannot take run its generic 4-bit matmul instead: the same
+    nf4 weights, dequantized on the fly. Returns how many layers that is."""
+    if device.type != "cpu":
+        return 0
+    import bitsandbytes as bnb
+
+    moved = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        quant_state = getattr(module.weight, "quant_state", None)
+        block = getattr(quant_state, "blocksize", 64)
+        if module.out_features % BNB_CPU_4BIT_BLOCK or module.in_features % block:
+            module.support_avx512bf16_for_cpu = False
+            moved += 1
+    return moved
+
+
 def load_pretrained(
     auto_class: Any, files: ModelFiles, config: RunnerConfig, device: torch.device, dtype: torch.dtype
 ) -> Any:
@@ -256,6 +281,8 @@ def load_pretrained(
             f"{config.model_env}={str(files.root)!r}: could not load the model from {files.model_dir} "
             f"({type(exc).__name__}: {exc})"
         ) from None
+    if config.quantization == "nf4":
+        keep_4bit_layers_off_unsupported_cpu_kernel(model, device)
     if config.quantization in SWAPPED_MODES:
         quantize_after_loading(model, config, device)  # bf16 never fills the GPU
     if "quantization_config" not in kwargs:

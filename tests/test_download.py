@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,70 @@ def test_the_command_line_entry_point_runs(tmp_path):
         cwd=Path(__file__).parent.parent,
     )
     assert result.returncode == 0 and "--source" in result.stdout and "--profile" in result.stdout
+
+
+def hub_error(name: str, message: str) -> Exception:
+    """One of huggingface_hub's own errors (built without the HTTP response its constructor wants)."""
+    from huggingface_hub import errors
+
+    cls = getattr(errors, name)
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error
+
+
+FAILURES = [
+    (lambda: hub_error("GatedRepoError", "403 Forbidden: gated"), {}, "gated: accept its terms"),
+    (lambda: hub_error("RepositoryNotFoundError", "401 Client Error"), {}, "not found on huggingface: check the id"),
+    (lambda: OSError(28, "No space left on device"), {}, "the disk is full at"),
+    (lambda: hub_error("LocalEntryNotFoundError", "cannot find"), {"HF_HUB_OFFLINE": "0"}, "no network: huggingface"),
+    (lambda: hub_error("LocalEntryNotFoundError", "cannot find"), {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    (lambda: RuntimeError("something odd\nsecond line"), {}, "RuntimeError: something odd"),
+]
+
+
+@pytest.mark.parametrize(("error", "env", "cause"), FAILURES)
+def test_a_failed_download_says_which_model_why_and_what_to_do_in_one_line(
+    monkeypatch, tmp_path, capsys, error, env, cause
+):
+    fetched = []
+
+    def failing_fetch(source: str, repo_id: str, local_dir: Path, ignore_patterns: list[str]) -> Path:
+        fetched.append(repo_id)
+        if repo_id == "Qwen/Qwen3-Reranker-8B":
+            raise error()
+        local_dir.mkdir(parents=True)
+        return local_dir
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(download, "fetch", failing_fetch)
+    code = download.main(["qwen3_8b_embed", "qwen3_8b_rerank", "bge_embed", "--to", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert fetched == ["Qwen/Qwen3-Embedding-8B", "Qwen/Qwen3-Reranker-8B"]  # stops at the failure
+    [error_line] = [line for line in err.splitlines() if not line.startswith("[")]
+    assert error_line.startswith("error: could not download Qwen/Qwen3-Reranker-8B (for qwen3_8b_rerank): ")
+    assert cause in error_line and "Traceback" not in err
+    # What arrived is exported; the last line makes `eval "$(...)"` fail (stdout is not a terminal here).
+    assert out.splitlines() == [f"export QWEN3_8B_EMBED_MODEL={tmp_path}/Qwen3-Embedding-8B", "false"]
+
+
+def test_eval_of_a_failed_download_fails_in_a_real_shell(tmp_path):
+    """The README's `eval "$(...)"` form, with the hub unreachable (a refusing proxy): the shell sees the failure."""
+    script = f'eval "$({shlex.quote(sys.executable)} -m embed_ops.download bge_embed --to {tmp_path})" && echo reached'
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    env.pop("BGE_EMBED_MODEL", None)
+    shell = subprocess.run(
+        ["bash", "-c", script + '; echo "status=$? model=${BGE_EMBED_MODEL-unset}"'],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent, env=env, timeout=300,
+    )  # fmt: skip
+    assert shell.stdout.splitlines() == ["status=1 model=unset"]  # not "reached"
+    assert "error: could not download BAAI/bge-large-zh-v1.5 (for bge_embed): no network" in shell.stderr
+    assert "Traceback" not in shell.stderr
+
+
+def test_refused_arguments_fail_an_eval_too(tmp_path):
+    script = f'eval "$({shlex.quote(sys.executable)} -m embed_ops.download bge_9b --to {tmp_path})"; echo "status=$?"'
+    shell = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert shell.stdout.splitlines() == ["status=1"] and "unknown service(s): bge_9b" in shell.stderr
