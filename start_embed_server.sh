@@ -2,7 +2,7 @@
 # One-click start of the embedding and reranking services (see README, "One-click start").
 #
 #   ./start_embed_server.sh                        the default profile (high, or $EMBED_PROFILE)
-#   ./start_embed_server.sh --profile demo         a profile: high, balanced, light, all, demo
+#   ./start_embed_server.sh --profile demo         a profile (--help lists them, from embed_ops/profiles.py)
 #   ./start_embed_server.sh qwen3_8b_embed bge_embed   the services named
 #   ./start_embed_server.sh ... --detach           start, wait for /health, return (services keep running)
 #   ./start_embed_server.sh status | stop [NAME...]
@@ -22,9 +22,7 @@ START_TIMEOUT="${EMBED_START_TIMEOUT:-1800}"
 
 launcher() { "$PYTHON" -m embed_ops.launcher "$@"; }
 
-usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-}
+usage() { launcher usage; }  # generated from the profile and service tables
 
 # A session of its own per service, so that a Ctrl-C at this terminal reaches this script only.
 # `exec`: the pid `$!` names is then bentoml's own, not a subshell's.

@@ -4,6 +4,7 @@ The shell script only starts `bentoml serve` processes; everything it needs to k
 ports, profiles, the memory estimate) and everything that decides whether a process is one it
 started comes from here, so nothing is written down twice.
 
+    python -m embed_ops.launcher usage  (start_embed_server.sh --help, its profiles from the table)
     python -m embed_ops.launcher plan   --run-dir D [--profile NAME | SERVICE...]
     python -m embed_ops.launcher wait   --run-dir D --log-dir L --timeout S SERVICE...
     python -m embed_ops.launcher status --run-dir D --log-dir L
@@ -28,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -449,9 +451,52 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+USAGE = """\
+Usage: ./start_embed_server.sh [start] [--profile NAME | SERVICE...] [--detach]
+       ./start_embed_server.sh status
+       ./start_embed_server.sh stop [SERVICE...]
+
+Starts the embedding and reranking services, each under a supervisor that runs `bentoml serve` and
+restarts it when it dies, waits until every /health answers, and prints a table of them.
+
+  (no argument)         the default profile: {default} (or $EMBED_PROFILE)
+  --profile NAME        a profile (below)
+  SERVICE...            the services named:
+{services}
+  -d, --detach          start, wait for /health, return; the services keep running
+  status                what the script started, and whether /health answers
+  stop [SERVICE...]     stop what the script started (all, or those named)
+  -h, --help            this text
+
+Profiles:
+{profiles}
+
+Without --detach the script stays in the foreground, and Ctrl-C stops the services this run
+started, and nothing else. Logs go to logs/<service>.log, PID files to .run/ (EMBED_LOG_DIR,
+EMBED_RUN_DIR). README.md, "One-click start", has every setting."""
+
+
+def usage_text() -> str:
+    """start_embed_server.sh --help: every profile and service comes from the tables, none is written here."""
+    width = max(map(len, PROFILES))
+    profiles = [
+        f"  {name:<{width}}  {', '.join(profile.services)}\n  {'':<{width}}  {profile.description}"
+        for name, profile in PROFILES.items()
+    ]
+    services = textwrap.fill(", ".join(SERVICES), width=100, initial_indent=" " * 24, subsequent_indent=" " * 24)
+    return USAGE.format(default=DEFAULT_PROFILE, services=services, profiles="\n".join(profiles))
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    print(usage_text())
+    return 0
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embed_ops.launcher", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("usage", help="start_embed_server.sh --help")
 
     plan = commands.add_parser("plan", help="what to start (for start_embed_server.sh)")
     plan.add_argument("--profile", choices=list(PROFILES))
@@ -488,6 +533,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(words[: words.index("--")] if "--" in words else words)
     args.command_line = command_line
     handlers = {
+        "usage": cmd_usage,
         "plan": cmd_plan,
         "wait": cmd_wait,
         "status": cmd_status,

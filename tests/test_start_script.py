@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,3 +149,19 @@ def test_a_failing_service_is_reported_while_the_other_runs_and_ctrl_c_stops_wha
             script.terminate()
             script.wait(timeout=60)
         run(["stop"], env)
+
+
+def test_help_lists_every_profile_of_the_table_and_ends_whole(tmp_path):
+    from embed_ops.profiles import PROFILES
+
+    env = script_env(tmp_path, EMBED_PYTHON=sys.executable)
+    shown = run(["--help"], env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    for name, profile in PROFILES.items():
+        assert f"  {name} " in text and profile.description in text
+        assert ", ".join(profile.services) in text
+    last = text.rstrip().splitlines()[-1]
+    assert last.endswith("every setting."), last  # the last sentence is whole, not cut at a fixed line
+    refused = run(["--bogus"], env, timeout=120)
+    assert refused.returncode == 2 and "unknown option: --bogus" in refused.stderr and "Profiles:" in refused.stderr
