@@ -31,6 +31,7 @@ from embed_client.search import RRF_K
 from embed_client.store import CAPTION_VECTOR, IMAGE_VECTOR, StoreError
 from tests.conftest import REPO, serve
 from tests.pictures import png_claiming
+from tests.system_tools import required_tool
 
 pytestmark = pytest.mark.serve
 
@@ -248,9 +249,7 @@ def test_rerank_reorders_the_captioned_candidates_in_their_places(library, serve
 
 
 def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "the HTML test needs Chromium: apt-get install -y chromium (see .ci/run)"
-    return found
+    return required_tool("chromium", "chromium-browser", package="chromium")
 
 
 def test_cli_search_json_and_a_results_page_that_renders_in_chromium(library, server, tmp_path):
