@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -178,17 +178,58 @@ def bge_dir(tmp_path_factory) -> Path:
 # -- a real `bentoml serve` process -----------------------------------------------------------------
 
 
+MODEL_GATE_HOOK = REPO / "tests" / "model_gate"  # its sitecustomize.py wraps the queue of every server started here
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+HANG_GUARD_SECONDS = 300  # how long a test waits for something that must happen: a hang guard, never an assertion
+
+
+class ModelGate:
+    """A test's hold on a served model's queue (tests/model_gate/sitecustomize.py does the server's side).
+
+    While closed, each round the queue hands to the model waits before its forward pass; `submitted()` and
+    `rounds()` are the item counts of every request queued and every round taken, in order, since the start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def close(self) -> None:
+        self.path.touch()
+
+    def open(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def submitted(self) -> list[int]:
+        return self._read("submitted")
+
+    def rounds(self) -> list[int]:
+        return self._read("rounds")
+
+    def _read(self, what: str) -> list[int]:
+        record = self.path.with_name(f"{self.path.name}.{what}")
+        return [int(line) for line in record.read_text().split()] if record.exists() else []
+
+    def wait_until(self, condition: Callable[[], bool], what: str) -> None:
+        """Poll `condition` until it holds; fail (as a hang, naming `what`) only after HANG_GUARD_SECONDS."""
+        deadline = time.monotonic() + HANG_GUARD_SECONDS
+        while not condition():
+            assert time.monotonic() < deadline, f"still waiting, after {HANG_GUARD_SECONDS} s, for {what}"
+            time.sleep(0.02)
+
+
 class Served:
-    def __init__(self, url: str, process: subprocess.Popen, log_path: Path) -> None:
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path, gate: ModelGate) -> None:
         self.url = url
         self.process = process
         self.log_path = log_path
+        self.gate = gate
         self.seed_name = ""  # the table row, when known
         # Idle connections are dropped before uvicorn's 5 s keep-alive closes them, so a request is never
         # sent on a connection the server is closing at that moment (a ReadError on a loaded machine).
@@ -209,7 +250,18 @@ def serve(
     # A BentoML home per server: a starting server empties $BENTOML_HOME/prometheus_multiproc_dir,
     # which would wipe the metrics of any server already running from the same home.
     home = log_path.parent / f"bentoml-home-{port}"
-    full_env = {**os.environ, "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": str(home), **env}
+    gate = ModelGate(log_path.parent / f"model-gate-{port}")
+    gate.open()
+    python_path = os.pathsep.join(filter(None, [str(MODEL_GATE_HOOK), os.environ.get("PYTHONPATH")]))
+    full_env = {
+        **os.environ,
+        "EMBED_DEVICE": "cpu",
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_HOME": str(home),
+        "PYTHONPATH": python_path,
+        "EMBED_TEST_GATE": str(gate.path),
+        **env,
+    }
     bentoml = [
         sys.executable,
         "-m",
@@ -241,10 +293,11 @@ def serve(
                     f"bentoml serve did not answer /health in {timeout}s:\n{log_path.read_text()[-3000:]}"
                 )
             time.sleep(0.5)
-        served = Served(url, process, log_path)
+        served = Served(url, process, log_path, gate)
         yield served
         served.client.close()
     finally:
+        gate.open()  # a test that failed with the gate closed must not hold the server's shutdown
         stop(process)
 
 
