@@ -86,6 +86,11 @@ class ClientDeadlineProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
+        # uvicorn stops reading while a large body waits for the app, and reads on only once the answer is sent:
+        # a client that left meanwhile went unseen, and its request was computed for nobody. The body is whole
+        # now, so read on: what comes next is the client's EOF, or a pipelined request (which uvicorn queues).
+        if self.flow is not None:
+            self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

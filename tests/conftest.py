@@ -193,8 +193,9 @@ HANG_GUARD_SECONDS = 300  # how long a test waits for something that must happen
 class ModelGate:
     """A test's hold on a served model's queue (tests/model_gate/sitecustomize.py does the server's side).
 
-    While closed, each round the queue hands to the model waits before its forward pass; `submitted()` and
-    `rounds()` are the item counts of every request queued and every round taken, in order, since the start.
+    While closed, each round the queue hands to the model waits before its forward pass; `submitted()`,
+    `cancelled()` and `rounds()` are the item counts of every request queued, every request cancelled while
+    queued (its client left) and every round taken, in order, since the server started.
     """
 
     def __init__(self, path: Path) -> None:
@@ -208,6 +209,9 @@ class ModelGate:
 
     def submitted(self) -> list[int]:
         return self._read("submitted")
+
+    def cancelled(self) -> list[int]:
+        return self._read("cancelled")
 
     def rounds(self) -> list[int]:
         return self._read("rounds")
@@ -233,7 +237,8 @@ class Served:
         self.seed_name = ""  # the table row, when known
         # Idle connections are dropped before uvicorn's 5 s keep-alive closes them, so a request is never
         # sent on a connection the server is closing at that moment (a ReadError on a loaded machine).
-        self.client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(keepalive_expiry=2))
+        # A hang guard, not a deadline: on a loaded machine a heavy request may take minutes.
+        self.client = httpx.Client(base_url=url, timeout=HANG_GUARD_SECONDS, limits=httpx.Limits(keepalive_expiry=2))
 
     def post(self, path: str, **kwargs) -> httpx.Response:
         return self.client.post(path, **kwargs)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from runners.table import SERVICES
-from tests.conftest import Served, serve_tiny
+from tests.conftest import HANG_GUARD_SECONDS, Served, serve_tiny
 from tests.pictures import encode, png_claiming, quadrants
 
 pytestmark = pytest.mark.serve
@@ -783,23 +783,40 @@ def heaviest(endpoint: Endpoint) -> dict[str, Any]:
 
 
 def test_clients_that_time_out_do_not_wedge_the_service(served):
+    """Twelve clients send the heaviest request and leave before their answer; their work leaves the queue, and the
+    next client is answered as before. The model is held (tests/model_gate) while they wait, so every one of them
+    leaves before any answer could come, whatever the machine's speed."""
     endpoint = max(endpoints(served), key=lambda endpoint: len(json.dumps(heaviest(endpoint))))
     heavy = heaviest(endpoint)
     expected = assert_good(served, endpoint)
+    gate, clients = served.gate, 12
 
-    async def give_up() -> int:
-        timeout = httpx.Timeout(30, read=0.02)
+    async def give_up() -> list[str]:
+        timeout = httpx.Timeout(HANG_GUARD_SECONDS, read=0.5)
         async with httpx.AsyncClient(base_url=served.url, timeout=timeout) as client:
 
-            async def one() -> bool:
+            async def one() -> str:
                 try:
-                    await client.post(endpoint.route, json=heavy)
+                    answer = await client.post(endpoint.route, json=heavy)
                 except httpx.ReadTimeout:
-                    return True
-                return False
+                    return "left"
+                return str(answer.status_code)
 
-            return sum(await asyncio.gather(*(one() for _ in range(12))))
+            return await asyncio.gather(*(one() for _ in range(clients)))
 
-    assert asyncio.run(give_up()) >= 1  # some clients really left before their answer
+    submitted_before, cancelled_before = len(gate.submitted()), len(gate.cancelled())
+    gate.close()
+    try:
+        assert asyncio.run(give_up()) == ["left"] * clients  # no answer can come while the model is held
+        # Every request that reached the queue is cancelled there (its client left) before the model is let go.
+        gate.wait_until(
+            lambda: len(gate.cancelled()) - cancelled_before == len(gate.submitted()) - submitted_before,
+            f"the abandoned requests' cancellation ({gate.submitted()}, {gate.cancelled()}, {gate.rounds()})",
+        )
+        rounds_held, submitted_held = len(gate.rounds()), len(gate.submitted())
+    finally:
+        gate.open()
     assert torch.allclose(torch.tensor(assert_good(served, endpoint)), torch.tensor(expected), atol=1e-6)
     assert served.get("/health").status_code == 200
+    # After the round that was already computing, the model ran only what was sent after the gate opened.
+    assert sum(gate.rounds()[rounds_held:]) == sum(gate.submitted()[submitted_held:])

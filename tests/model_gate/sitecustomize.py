@@ -2,7 +2,8 @@
 every Python process of that server runs it at start-up).
 
 With EMBED_TEST_GATE=<path> set, runners.batching.Batcher is wrapped as it is imported:
-- each `submit` (a request's items entering the queue) appends its item count to <path>.submitted;
+- each `submit` (a request's items entering the queue) appends its item count to <path>.submitted, and to
+  <path>.cancelled when its request is cancelled (its client left) while it waits;
 - each round the model's thread takes appends its item count to <path>.rounds, then waits while the file
   <path> exists, before its forward pass.
 So a test can close the gate, send requests, wait until the server has queued them (not until some time has
@@ -11,6 +12,7 @@ passed), open the gate, and read how the queue grouped them: no outcome depends 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.abc
 import importlib.util
 import os
@@ -43,7 +45,11 @@ def _wrap(batching: Any) -> None:
         # Recorded just before the items are queued, with no await between: the event loop (where the queue
         # takes its rounds) cannot take a round in between.
         _append(f"{GATE}.submitted", str(len(items)))
-        return await original_submit(self, items)
+        try:
+            return await original_submit(self, items)
+        except asyncio.CancelledError:
+            _append(f"{GATE}.cancelled", str(len(items)))
+            raise
 
     batcher.__init__, batcher.submit = __init__, submit
 
