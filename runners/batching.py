@@ -256,8 +256,10 @@ class Batcher(Generic[Item, Result]):
         name: str,
         max_queued_items: int = 8192,
         cost: Callable[[Item], int] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._process = process
+        self._clock = clock  # seconds; the tests' stand-in models advance a clock of their own
         self._max_batch_items = max_batch_items
         self._max_queued_items = max_queued_items
         self._cost = cost or (lambda item: 1)
@@ -299,7 +301,7 @@ class Batcher(Generic[Item, Result]):
                 f"{self._queued_items} items are waiting for the model already (at most {self._max_queued_items}); "
                 "try again shortly"
             )
-        job = _Job(items, loop.create_future(), time.perf_counter(), [0, *accumulate(map(self._cost, items))])
+        job = _Job(items, loop.create_future(), self._clock(), [0, *accumulate(map(self._cost, items))])
         self._queue.append(job)
         self._queued_items += len(items)
         assert self._wakeup is not None
@@ -314,7 +316,7 @@ class Batcher(Generic[Item, Result]):
         # By the whole request's cost: the rest of a bulk request being sliced is still bulk, not a search.
         small = [job for job in self._queue if small_cost is None or job.cumulative_cost[-1] <= small_cost]
         bulk = [job for job in self._queue if small_cost is not None and job.cumulative_cost[-1] > small_cost]
-        now = time.monotonic()
+        now = self._clock()
         if small and (bulk or self._last_round_bulk):  # a small request waited behind bulk work
             self._interactive_until = now + INTERACTIVE_HOLD_SECONDS
         if small and (not bulk or self._last_round_bulk):  # alternate, so that bulk work is never starved
@@ -395,7 +397,7 @@ class Batcher(Generic[Item, Result]):
     async def _run(self, round_: list[_Slice]) -> None:
         loop = asyncio.get_running_loop()
         items = [item for piece in round_ for item in piece.job.items[piece.start : piece.stop]]
-        started = time.perf_counter()
+        started = self._clock()
         try:
             results = await loop.run_in_executor(self._executor, self._process, items)
         except Exception as exc:
@@ -406,7 +408,7 @@ class Batcher(Generic[Item, Result]):
                 return
             self._fail(round_[0].job, exc)
             return
-        finished = time.perf_counter()
+        finished = self._clock()
         cost = sum(piece.cost for piece in round_)
         whole = sum(1 for piece in round_ if piece.start == 0 and piece.stop == len(piece.job.items))
         self.timer.record(whole if whole == len(round_) else 0, cost, finished - started)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from runners import batching
 from runners.batching import Batcher, plan_micro_batches, run_in_order, run_splitting_on_oom
 from runners.errors import Overloaded
+from tests.conftest import HANG_GUARD_SECONDS
 
 
 def test_plan_covers_every_item_once_within_the_token_budget():
@@ -96,19 +98,21 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
 
 
 def test_a_full_queue_answers_overloaded_at_once_and_recovers():
-    release = __import__("threading").Event()
+    computing, release = threading.Event(), threading.Event()
 
     def process(items):
-        release.wait(5)
+        computing.set()
+        assert release.wait(HANG_GUARD_SECONDS)
         return items
 
     batcher = Batcher(process, max_batch_items=4, max_queued_items=6, name="test")
 
     async def main():
         running = asyncio.ensure_future(batcher.submit(["a"]))  # taken by the worker at once
-        await asyncio.sleep(0.05)
+        assert await asyncio.get_running_loop().run_in_executor(None, computing.wait, HANG_GUARD_SECONDS)
         waiting = [asyncio.ensure_future(batcher.submit(["b", "c", "d"])) for _ in range(2)]  # 6 queued
-        await asyncio.sleep(0.05)
+        for job in waiting:
+            await queued(job)
         with pytest.raises(Overloaded):
             await batcher.submit(["e"])
         release.set()
@@ -141,18 +145,49 @@ def test_run_in_order_puts_each_result_back_at_its_position():
 
 
 class TimedModel:
-    """A stand-in model: a fixed cost per pass plus a cost per item; it records every round it is given."""
+    """A stand-in model: a fixed cost per pass plus a cost per item, paid on a clock of its own (the batcher's), not
+    in real time, so that the queue's timing decisions come out the same on any machine. It records every round.
+
+    `hold(prefix)`: the first round whose first item starts with `prefix` waits, once `holding` is set, until the
+    test sets `release`, so that a test can send a request while that round computes."""
 
     def __init__(self, fixed: float = 0.004, per_item: float = 0.001, fail_on: str | None = None) -> None:
         self.fixed, self.per_item, self.fail_on = fixed, per_item, fail_on
         self.rounds: list[list[str]] = []
+        self.now = 1000.0
+        self.held_prefix: str | None = None
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def clock(self) -> float:
+        return self.now
+
+    def hold(self, prefix: str) -> None:
+        self.held_prefix = prefix
 
     def __call__(self, items: list[str]) -> list[str]:
         self.rounds.append(list(items))
-        __import__("time").sleep(self.fixed + self.per_item * len(items))
+        if self.held_prefix is not None and items[0].startswith(self.held_prefix):
+            self.held_prefix = None
+            self.holding.set()
+            assert self.release.wait(HANG_GUARD_SECONDS), "the test never released the held round"
+        self.now += self.fixed + self.per_item * len(items)
         if self.fail_on is not None and self.fail_on in items:
             raise ValueError(f"cannot read {self.fail_on}")
         return [item.upper() for item in items]
+
+    async def held(self) -> None:
+        """Until the held round is computing."""
+        assert await asyncio.get_running_loop().run_in_executor(None, self.holding.wait, HANG_GUARD_SECONDS)
+
+
+def timed_batcher(model: TimedModel) -> Batcher:
+    return Batcher(model, max_batch_items=1024, name="test", clock=model.clock)
+
+
+async def queued(task: asyncio.Future) -> None:
+    """Until `task` (a submit just created) has put its items in the queue: it does so at its first step."""
+    await asyncio.sleep(0)
+    assert not task.done()
 
 
 async def warm_up(batcher: Batcher) -> None:
@@ -163,14 +198,18 @@ async def warm_up(batcher: Batcher) -> None:
 
 def test_a_lone_request_goes_ahead_of_bulk_work_that_is_still_answered_whole_and_in_order():
     model = TimedModel()
-    batcher = Batcher(model, max_batch_items=1024, name="test")
+    batcher = timed_batcher(model)
     bulk_items = [f"bulk-{i}" for i in range(400)]
 
     async def scenario():
         await warm_up(batcher)
+        model.hold("bulk-")
         bulk = asyncio.ensure_future(batcher.submit(bulk_items))
-        await asyncio.sleep(0.05)  # the bulk job is being worked on
-        lone = await batcher.submit(["search"])
+        await model.held()  # the bulk job's first slice is computing
+        search = asyncio.ensure_future(batcher.submit(["search"]))
+        await queued(search)
+        model.release.set()
+        lone = await search
         return lone, bulk.done(), await bulk
 
     lone, bulk_done_when_lone_answered, bulk = asyncio.run(scenario())
@@ -185,7 +224,7 @@ def test_a_lone_request_goes_ahead_of_bulk_work_that_is_still_answered_whole_and
 
 def test_bulk_work_alone_runs_in_longer_slices_than_next_to_searches():
     model = TimedModel()
-    batcher = Batcher(model, max_batch_items=1024, name="test")
+    batcher = timed_batcher(model)
 
     async def scenario():
         await warm_up(batcher)
@@ -208,7 +247,7 @@ def test_quiet_slices_last_at_most_quiet_slice_seconds(monkeypatch):
     quiet spell does not wait for many seconds of bulk work; never below the slice next to searches."""
     monkeypatch.setattr(batching, "QUIET_SLICE_SECONDS", 0.03)  # this stand-in's 25 lone rounds: ~0.125 s
     model = TimedModel()
-    batcher = Batcher(model, max_batch_items=1024, name="test")
+    batcher = timed_batcher(model)
 
     async def scenario():
         await warm_up(batcher)
@@ -224,7 +263,7 @@ def test_quiet_slices_last_at_most_quiet_slice_seconds(monkeypatch):
 
 def test_a_stream_of_searches_does_not_starve_bulk_work():
     model = TimedModel()
-    batcher = Batcher(model, max_batch_items=1024, name="test")
+    batcher = timed_batcher(model)
     bulk_items = [f"bulk-{i}" for i in range(300)]
 
     async def scenario():
@@ -246,14 +285,18 @@ def test_a_stream_of_searches_does_not_starve_bulk_work():
 
 def test_a_failing_slice_fails_its_own_request_only_and_the_rest_of_it_is_not_run():
     model = TimedModel(fail_on="bulk-150")
-    batcher = Batcher(model, max_batch_items=1024, name="test")
+    batcher = timed_batcher(model)
     bulk_items = [f"bulk-{i}" for i in range(400)]
 
     async def scenario():
         await warm_up(batcher)
+        model.hold("bulk-")
         bulk = asyncio.ensure_future(batcher.submit(bulk_items))
-        await asyncio.sleep(0.05)
-        lone = await batcher.submit(["search"])
+        await model.held()
+        search = asyncio.ensure_future(batcher.submit(["search"]))
+        await queued(search)
+        model.release.set()
+        lone = await search
         with pytest.raises(ValueError, match="bulk-150"):
             await bulk
         return lone, await batcher.submit(["after"])
@@ -268,7 +311,7 @@ def test_the_rest_of_a_sliced_bulk_request_is_still_bulk():
     """The last items of a bulk request are as cheap as a search, but they are not one: bulk alone never
     switches the queue into the short slices kept for searches."""
     model = TimedModel()
-    batcher = Batcher(model, max_batch_items=1024, name="test")
+    batcher = timed_batcher(model)
 
     async def scenario():
         await warm_up(batcher)
