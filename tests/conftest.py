@@ -213,6 +213,10 @@ class ModelGate:
     def cancelled(self) -> list[int]:
         return self._read("cancelled")
 
+    def disconnected(self) -> list[int]:
+        """The client ports of the connections the server has seen end, in order."""
+        return self._read("disconnected")
+
     def rounds(self) -> list[int]:
         return self._read("rounds")
 

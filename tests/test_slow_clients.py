@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import REPO, serve
+from tests.conftest import HANG_GUARD_SECONDS, REPO, serve
 
 sys.path.insert(0, str(REPO / "bench"))
 import soak  # noqa: E402
@@ -104,24 +104,33 @@ def test_a_slowloris_client_blocks_nobody_holds_no_model_slot_and_is_cut_off(ser
 
 
 def test_clients_that_hang_up_while_queued_have_their_texts_dropped(served):
-    """Twenty clients send a text behind a large request and hang up at once: their work leaves the queue
-    (the batch counter says how many texts the model computed), and the large request is answered whole."""
+    """Twenty clients send a text behind a large request and hang up at once: their work leaves the queue (the
+    batch counter says how many texts the model computed), and the large request is answered whole. The model is
+    held (tests/model_gate) until the server has seen every one of them leave."""
+    gate = served.gate
     long_texts = [f"a long caption about the cat number {i} " * 12 for i in range(48)]
     before = texts_embedded(served)
-    with httpx.Client(base_url=served.url, timeout=120) as client, ThreadPoolExecutor(1) as pool:
-        large = pool.submit(client.post, "/embed/texts", json={"texts": long_texts})
-        time.sleep(0.3)  # the large request is being computed
-        for i in range(20):
-            body = json.dumps({"text": f"a caption nobody waits for {i}"}).encode()
-            with socket.create_connection(("127.0.0.1", port_of(served))) as sock:
-                head = "POST /embed/text HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                sock.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-            # closed here, unanswered
-        assert large.result().status_code == 200
-    time.sleep(0.5)
-    computed = texts_embedded(served) - before - len(long_texts)
-    # A hang-up that lands as a round is being taken may still be computed; twenty of them never are.
-    assert computed <= 4, computed
+    rounds_before = len(gate.rounds())
+    gate.close()
+    try:
+        with httpx.Client(base_url=served.url, timeout=HANG_GUARD_SECONDS) as client, ThreadPoolExecutor(1) as pool:
+            large = pool.submit(client.post, "/embed/texts", json={"texts": long_texts})
+            gate.wait_until(lambda: len(gate.rounds()) > rounds_before, "the large request's first round")
+            ports = []
+            for i in range(20):
+                body = json.dumps({"text": f"a caption nobody waits for {i}"}).encode()
+                with socket.create_connection(("127.0.0.1", port_of(served))) as sock:
+                    head = "POST /embed/text HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    sock.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+                    ports.append(sock.getsockname()[1])
+                # closed here, unanswered
+            gate.wait_until(lambda: set(ports) <= set(gate.disconnected()), "the server to see the twenty leave")
+            gate.open()
+            assert large.result().status_code == 200
+    finally:
+        gate.open()
+    # Exactly the large request's texts were computed: none of the twenty.
+    assert texts_embedded(served) - before == len(long_texts)
     assert served.post("/embed/text", json={"text": "still serving"}).status_code == 200
 
 
@@ -171,33 +180,39 @@ def test_a_short_soak_keeps_files_threads_and_memory_flat(served):
 
 
 def test_sigterm_during_a_burst_answers_every_request_and_refuses_new_connections(served):
-    port = port_of(served)
+    """SIGTERM while eight requests are queued or computing: each is answered, and new connections are refused
+    meanwhile. The model is held (tests/model_gate) until the refusal is seen, so the drain lasts that long."""
+    port, gate = port_of(served), served.gate
     answers: list[int | str] = []
 
     def burst(i: int) -> None:
         try:
-            with httpx.Client(timeout=300) as client:
+            with httpx.Client(timeout=HANG_GUARD_SECONDS) as client:
                 texts = [f"burst {i} text {j} " * 20 for j in range(64)]
                 answers.append(client.post(f"{served.url}/embed/texts", json={"texts": texts}).status_code)
         except httpx.HTTPError as exc:
             answers.append(type(exc).__name__)
 
+    submitted_before = len(gate.submitted())
+    gate.close()
     threads = [threading.Thread(target=burst, args=(i,)) for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        gate.wait_until(lambda: len(gate.submitted()) - submitted_before == 8, "all eight requests queued")
+        served.process.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_SECONDS).close()
+            except OSError:
+                return True
+            return False
+
+        gate.wait_until(refused, "new connections to be refused while the eight are held")
+    finally:
+        gate.open()
     for thread in threads:
-        thread.start()
-    time.sleep(1.5)  # all eight are in: being read, queued or computed
-    served.process.send_signal(signal.SIGTERM)
-    refused_while_draining = False
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(thread.is_alive() for thread in threads):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            refused_while_draining = True
-            break
-        time.sleep(0.1)
-    for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=HANG_GUARD_SECONDS)
     assert answers == [200] * 8
-    assert refused_while_draining
-    assert served.process.wait(timeout=60) == 0
+    assert served.process.wait(timeout=HANG_GUARD_SECONDS) == 0
