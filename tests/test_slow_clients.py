@@ -156,7 +156,9 @@ def test_a_thousand_connections_at_once_get_an_answer_or_a_clear_503(served):
         return Counter(await asyncio.gather(*(one_connection(port_of(served), i) for i in range(1000))))
 
     outcomes = asyncio.run(all_at_once())
-    assert set(outcomes) <= {"200", "503"}, outcomes
+    # A 408 is this module's 3 s header deadline (counted from the accept) for a connection whose request this one
+    # client loop, busy with a thousand, wrote late: a clear answer too. Never a dropped connection or a 5xx else.
+    assert set(outcomes) <= {"200", "503", "408"}, outcomes
     assert outcomes["200"] > 0
     assert served.get("/health").status_code == 200
 

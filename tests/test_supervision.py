@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from embed_ops.supervisor import RestartPolicy
-from tests.conftest import REPO, free_port
+from tests.conftest import HANG_GUARD_SECONDS, REPO, free_port
 
 FAKE_SERVICE = textwrap.dedent(
     """
@@ -30,12 +30,17 @@ FAKE_SERVICE = textwrap.dedent(
         print("ValueError: BGE_EMBED_MODEL='/nowhere' is not a model", flush=True)
         sys.exit(2)
 
+    answered = threading.Event()
+
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
             self.send_header("content-length", "2")
             self.end_headers()
             self.wfile.write(b"{}")
+            if mode == "crash" and not answered.is_set():
+                answered.set()  # crashes once it has been seen up: a crash of a running service, on any machine
+                threading.Timer(0.1, crash).start()
 
         def log_message(self, *args):
             pass
@@ -51,8 +56,6 @@ FAKE_SERVICE = textwrap.dedent(
         os._exit(0)
 
     signal.signal(signal.SIGTERM, terminated)
-    if mode == "crash":
-        threading.Timer(2.0, crash).start()
     server.serve_forever()
     """
 )
@@ -119,7 +122,7 @@ class Supervised:
 
     def launcher(self, *args: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "embed_ops.launcher", *args]
-        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
 
     def state(self) -> dict:
         try:
@@ -130,7 +133,7 @@ class Supervised:
     def service_pids(self) -> list[int]:
         return [int(line) for line in self.starts.read_text().split()] if self.starts.exists() else []
 
-    def wait_for(self, condition, timeout: float = 30) -> bool:
+    def wait_for(self, condition, timeout: float = HANG_GUARD_SECONDS) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():
@@ -144,7 +147,7 @@ class Supervised:
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=HANG_GUARD_SECONDS)
         for pid in self.service_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -176,7 +179,7 @@ def test_a_killed_service_is_restarted_and_status_says_so(tmp_path):
         # A deliberate stop: SIGTERM reaches the service, which is not started again.
         stopped = supervised.launcher("stop", "--run-dir", str(supervised.run_dir))
         assert "stopped bge_embed" in stopped.stdout, stopped.stdout + stopped.stderr
-        assert supervised.process.wait(timeout=30) == 0
+        assert supervised.process.wait(timeout=HANG_GUARD_SECONDS) == 0
         assert "got SIGTERM" in supervised.log()
         time.sleep(1.5)  # longer than the first restart pause
         assert len(supervised.service_pids()) == 2 and not healthy(supervised.port)
@@ -188,7 +191,7 @@ def test_a_killed_service_is_restarted_and_status_says_so(tmp_path):
 def test_a_crash_loop_stops_the_restarts_and_is_reported_with_the_log(tmp_path):
     supervised = Supervised(tmp_path, "crash", EMBED_RESTART_LIMIT="3")
     try:
-        assert supervised.process.wait(timeout=60) == 1
+        assert supervised.process.wait(timeout=HANG_GUARD_SECONDS) == 1
         state = supervised.state()
         assert state["state"] == "crash loop" and state["restarts"] == 2
         assert len(supervised.service_pids()) == 3  # started, restarted twice, then given up
@@ -209,7 +212,7 @@ def test_a_crash_loop_stops_the_restarts_and_is_reported_with_the_log(tmp_path):
 def test_a_service_that_never_reaches_health_is_not_restarted(tmp_path):
     supervised = Supervised(tmp_path, "broken")
     try:
-        assert supervised.process.wait(timeout=60) == 1
+        assert supervised.process.wait(timeout=HANG_GUARD_SECONDS) == 1
         time.sleep(1.5)
         assert len(supervised.service_pids()) == 1
         state = supervised.state()
