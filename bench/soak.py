@@ -129,6 +129,17 @@ def process_figures(pids: list[int]) -> tuple[float | None, int | None, int | No
     return rss / 1024, fds, threads
 
 
+def settled_figures(pids: Callable[[], list[int]], limit: float = 120.0) -> tuple[float | None, ...]:
+    """process_figures once the server's files and threads stop changing (three equal reads 0.2 s apart): the
+    handlers of cancelled requests and the connections just closed are done with, however busy the machine."""
+    reads = [process_figures(pids())]
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and (len(reads) < 3 or len({figures[1:] for figures in reads[-3:]}) > 1):
+        time.sleep(0.2)
+        reads.append(process_figures(pids()))
+    return reads[-1]
+
+
 def server_pids(root: int) -> list[int]:
     """`bentoml serve` and every process below it."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
@@ -154,6 +165,7 @@ def run_phase(url: str, index: int, count: int, clients: int, seed: int, pids: C
     latencies: list[float] = []
     lock = threading.Lock()
     local = threading.local()
+    opened: list[httpx.Client] = []
 
     def send(job: tuple[str, str, bytes, set[int]]) -> None:
         name, path, body, expected = job
@@ -164,6 +176,8 @@ def run_phase(url: str, index: int, count: int, clients: int, seed: int, pids: C
             return
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=url, timeout=120, headers={"content-type": "application/json"})
+            with lock:
+                opened.append(local.client)
         started = time.perf_counter()
         try:
             answer = local.client.post(path, content=body)
@@ -184,8 +198,9 @@ def run_phase(url: str, index: int, count: int, clients: int, seed: int, pids: C
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(send, jobs))
     seconds = time.perf_counter() - started
-    time.sleep(0.5)  # let cancelled requests' handlers finish before counting files and threads
-    rss, fds, threads = process_figures(pids())
+    for client in opened:  # their keep-alive connections would still count among the server's files
+        client.close()
+    rss, fds, threads = settled_figures(pids)
     latencies.sort()
     p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else float("nan")
