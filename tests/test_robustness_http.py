@@ -251,10 +251,10 @@ def test_fuzzing_finds_no_server_error_and_no_answer_outside_the_schema(served, 
         *(sys.executable, "-m", "schemathesis.cli", "run", f"{served.url}/docs.json"),
         *("--checks", ",".join(FUZZ_CHECKS)),
         *("--phases", "examples,coverage,fuzzing"),
-        *("--max-examples", "40", "--seed", "1", "--request-timeout", "30"),
+        *("--max-examples", "40", "--seed", "1", "--request-timeout", str(HANG_GUARD_SECONDS)),
         *("--no-color", "--continue-on-failure", "--workers", "2"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=4 * HANG_GUARD_SECONDS, cwd=tmp_path)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-8000:]
     # It really exercised every API of the service (and BentoML's own routes).
@@ -427,10 +427,10 @@ def test_fuzzing_the_openai_and_cohere_routes_finds_no_server_error(served, tmp_
         *(sys.executable, "-m", "schemathesis.cli", "run", str(schema), "--url", served.url),
         *("--checks", ",".join(FUZZ_CHECKS)),
         *("--phases", "examples,coverage,fuzzing"),
-        *("--max-examples", "30", "--seed", "1", "--request-timeout", "30"),
+        *("--max-examples", "30", "--seed", "1", "--request-timeout", str(HANG_GUARD_SECONDS)),
         *("--no-color", "--continue-on-failure", "--workers", "2"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=4 * HANG_GUARD_SECONDS, cwd=tmp_path)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-8000:]
     operations = len(protocol_document(SERVICES[served.seed_name].kind)["paths"])
@@ -705,7 +705,7 @@ async def _run_round(url: str, requests: list[tuple[Endpoint, dict[str, Any]]]) 
         queue.put_nowait(index)
     answers: list[tuple[int, int, Any]] = []
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=HANG_GUARD_SECONDS, limits=limits) as client:
 
         async def worker() -> None:
             while not queue.empty():
