@@ -252,7 +252,7 @@ class Served:
 
 
 def serve(
-    class_name: str, env: dict[str, str], log_path: Path, timeout: float = 180, port: int | None = None
+    class_name: str, env: dict[str, str], log_path: Path, timeout: float = HANG_GUARD_SECONDS, port: int | None = None
 ) -> Iterator[Served]:
     """Start `bentoml serve service:<class_name>` on `port` (default: a free one); yield once GET /health answers."""
     port = port or free_port()

@@ -22,7 +22,7 @@ from runners.config import RunnerConfig
 from runners.embedder import TextEmbedder
 from runners.errors import ModelLoadError, Overloaded
 from runners.table import SERVICES
-from tests.conftest import REPO, free_port
+from tests.conftest import HANG_GUARD_SECONDS, REPO, free_port
 
 TEXTS = [
     "一只橙色的猫",
@@ -122,28 +122,29 @@ def test_the_service_answers_out_of_memory_alone_with_a_503(bge_dir, monkeypatch
 
 
 def test_cancelled_callers_do_not_wedge_the_batcher():
-    release = threading.Event()
+    computing, release = threading.Event(), threading.Event()
     processed: list[list[int]] = []
 
     def process(items: list[int]) -> list[int]:
-        release.wait(5)  # hold the model while requests queue up behind it
+        computing.set()
+        assert release.wait(HANG_GUARD_SECONDS)  # hold the model while requests queue up behind it
         processed.append(list(items))
         return [item * 10 for item in items]
 
     async def scenario() -> None:
         batcher: Batcher[int, int] = Batcher(process, max_batch_items=64, name="test")
         running = asyncio.create_task(batcher.submit([1]))
-        await asyncio.sleep(0.05)  # [1] is now in the worker thread
+        assert await asyncio.get_running_loop().run_in_executor(None, computing.wait, HANG_GUARD_SECONDS)
         queued = asyncio.create_task(batcher.submit([2]))
         waiting = asyncio.create_task(batcher.submit([3]))
-        with pytest.raises(TimeoutError):  # a client that times out while queued
+        with pytest.raises(TimeoutError):  # a client that times out while queued (the model is held)
             await asyncio.wait_for(batcher.submit([4]), 0.01)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # [2] and [3] are queued
         running.cancel()  # a client that leaves while its batch computes
         queued.cancel()  # a client that leaves while queued
         release.set()
-        assert await asyncio.wait_for(waiting, 5) == [30]
-        assert await asyncio.wait_for(batcher.submit([5, 6]), 5) == [50, 60]
+        assert await asyncio.wait_for(waiting, HANG_GUARD_SECONDS) == [30]
+        assert await asyncio.wait_for(batcher.submit([5, 6]), HANG_GUARD_SECONDS) == [50, 60]
         assert running.cancelled() and queued.cancelled()
         assert [2] not in processed and not any(4 in batch for batch in processed)  # work nobody waits for is skipped
         batcher.close()
@@ -243,7 +244,7 @@ def test_bentoml_serve_exits_at_once_on_a_truncated_model(bge_dir, tmp_path):
     truncate_weights(broken)
     env = {**os.environ, "BGE_EMBED_MODEL": str(broken), "EMBED_DEVICE": "cpu", "BENTOML_DO_NOT_TRACK": "true"}
     command = [sys.executable, "-m", "bentoml", "serve", "service:BgeEmbed", "--port", str(free_port())]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
     assert "BGE_EMBED_MODEL" in log and "model.safetensors is truncated" in log, log[-3000:]

@@ -14,6 +14,7 @@ import pytest
 from embed_ops import launcher
 from embed_ops.profiles import PROFILES, estimate_weights, memory_warnings, per_gpu, profile_env
 from runners.table import SERVICES
+from tests.conftest import HANG_GUARD_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,11 +188,15 @@ def test_plan_does_not_start_a_service_whose_port_is_taken(tmp_path):
     assert f"port {port} is in use" in result.stderr
 
 
+SLEEPER = "import time; print('ready', flush=True); time.sleep(600)"
+
+
 def spawn(code: str, *argv: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", code, *argv], start_new_session=True)
-    deadline = time.monotonic() + 10
-    while "-c" not in (launcher.command_line(process.pid) or "") and time.monotonic() < deadline:
-        time.sleep(0.05)  # until it has exec'd: before that its command line is pytest's
+    """`python -c code argv...`, returned once the code has printed its first line (it is set up then)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *argv], start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
     return process
 
 
@@ -202,7 +207,7 @@ def write_record(run_dir: Path, name: str, pid: int, class_name: str, port: int)
 
 def test_stop_never_signals_a_process_it_did_not_start(tmp_path):
     """A PID file whose pid now belongs to another program (pid reuse) must not get that program killed."""
-    stranger = spawn("import time; time.sleep(60)")
+    stranger = spawn(SLEEPER)
     try:
         write_record(tmp_path, "bge_embed", stranger.pid, "BgeEmbed", 6012)
         status = run_launcher("status", "--run-dir", str(tmp_path), "--log-dir", str(tmp_path))
@@ -219,13 +224,12 @@ def test_stop_never_signals_a_process_it_did_not_start(tmp_path):
 
 def test_stop_terminates_its_own_service_and_kills_one_that_ignores_sigterm(tmp_path):
     # Stand-ins whose command lines are those of `bentoml serve service:<Class> --port <port>`.
-    polite = spawn("import time; time.sleep(60)", "bentoml", "serve", "service:BgeEmbed", "--port", "6012")
+    polite = spawn(SLEEPER, "bentoml", "serve", "service:BgeEmbed", "--port", "6012")
     stubborn = spawn(
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + SLEEPER,
         "bentoml", "serve", "service:Qwen3Embed8B", "--port", "6014",
     )  # fmt: skip
     try:
-        time.sleep(0.5)  # let the stubborn one install its handler
         write_record(tmp_path, "bge_embed", polite.pid, "BgeEmbed", 6012)
         write_record(tmp_path, "qwen3_8b_embed", stubborn.pid, "Qwen3Embed8B", 6014)
         status = run_launcher("status", "--run-dir", str(tmp_path), "--log-dir", str(tmp_path))
@@ -234,7 +238,7 @@ def test_stop_terminates_its_own_service_and_kills_one_that_ignores_sigterm(tmp_
         assert stop.returncode == 0, stop.stderr
         assert f"stopped bge_embed (pid {polite.pid})" in stop.stdout
         assert f"killed qwen3_8b_embed (pid {stubborn.pid})" in stop.stdout
-        assert polite.wait(timeout=10) == -15 and stubborn.wait(timeout=10) == -9
+        assert polite.wait(timeout=HANG_GUARD_SECONDS) == -15 and stubborn.wait(timeout=HANG_GUARD_SECONDS) == -9
         assert list(tmp_path.glob("*.pid")) == []
     finally:
         for process in (polite, stubborn):
@@ -244,7 +248,7 @@ def test_stop_terminates_its_own_service_and_kills_one_that_ignores_sigterm(tmp_
 
 
 def test_a_pid_file_names_a_different_class_or_port_is_not_ours(tmp_path):
-    process = spawn("import time; time.sleep(60)", "bentoml", "serve", "service:BgeEmbed", "--port", "6012")
+    process = spawn(SLEEPER, "bentoml", "serve", "service:BgeEmbed", "--port", "6012")
     try:
         assert launcher.is_ours(launcher.Record("bge_embed", process.pid, "BgeEmbed", 6012))
         assert not launcher.is_ours(launcher.Record("bge_embed", process.pid, "BgeEmbed", 6013))
@@ -256,10 +260,10 @@ def test_a_pid_file_names_a_different_class_or_port_is_not_ours(tmp_path):
 
 def test_a_supervisor_is_ours_by_the_same_rule_and_another_launcher_command_is_not(tmp_path):
     supervising = spawn(
-        "import time; time.sleep(60)",
+        SLEEPER,
         "-m", "embed_ops.launcher", "supervise", "bge_embed", "service:BgeEmbed", "--port", "6012",
     )  # fmt: skip
-    watching = spawn("import time; time.sleep(60)", "-m", "embed_ops.launcher", "watch", "service:BgeEmbed")
+    watching = spawn(SLEEPER, "-m", "embed_ops.launcher", "watch", "service:BgeEmbed")
     try:
         assert launcher.is_ours(launcher.Record("bge_embed", supervising.pid, "BgeEmbed", 6012))
         assert not launcher.is_ours(launcher.Record("bge_embed", supervising.pid, "BgeEmbed", 6013))

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from embed_ops.launcher import command_line, descendants
-from tests.conftest import REPO, free_port
+from tests.conftest import HANG_GUARD_SECONDS, REPO, free_port
 
 SCRIPT = REPO / "start_embed_server.sh"
 pytestmark = pytest.mark.serve
@@ -26,7 +26,7 @@ def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         "BENTOML_DO_NOT_TRACK": "true",
         "EMBED_RUN_DIR": str(tmp_path / "run"),
         "EMBED_LOG_DIR": str(tmp_path / "logs"),
-        "EMBED_START_TIMEOUT": "240",
+        "EMBED_START_TIMEOUT": str(HANG_GUARD_SECONDS),
     }
     env.pop("EMBED_PROFILE", None)
     env.update(extra)
@@ -39,12 +39,12 @@ def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
 
 def health(port: int) -> httpx.Response | None:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=HANG_GUARD_SECONDS)
     except httpx.HTTPError:
         return None
 
 
-def wait_until_closed(port: int, timeout: float = 30) -> bool:
+def wait_until_closed(port: int, timeout: float = HANG_GUARD_SECONDS) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if health(port) is None:
@@ -67,7 +67,7 @@ def test_demo_profile_start_status_stop(tmp_path):
         answer = health(port)
         assert answer is not None and answer.status_code == 200
         assert answer.json()["device"] == "cpu" and answer.json()["dimension"] == 384
-        embedded = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=30)
+        embedded = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=HANG_GUARD_SECONDS)
         assert embedded.status_code == 200 and embedded.json()["dimension"] == 384
         assert (tmp_path / "logs" / "bge_embed.log").stat().st_size > 0
 
@@ -75,7 +75,7 @@ def test_demo_profile_start_status_stop(tmp_path):
         supervisor_pid = int((tmp_path / "run" / "bge_embed.pid").read_text().split()[0])
         [worker] = [pid for pid in descendants(supervisor_pid) if "_bentoml_impl.worker" in (command_line(pid) or "")]
         os.kill(worker, signal.SIGKILL)
-        deadline = time.monotonic() + 240  # generous for a loaded CI machine; on an idle one it takes ~20 s
+        deadline = time.monotonic() + HANG_GUARD_SECONDS  # a hang guard; on an idle machine it takes ~20 s
         back = None
         while time.monotonic() < deadline:
             back = health(port)
@@ -83,7 +83,7 @@ def test_demo_profile_start_status_stop(tmp_path):
                 break
             time.sleep(1)
         assert back is not None and back.status_code == 200, (tmp_path / "logs" / "bge_embed.log").read_text()[-3000:]
-        again = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=30)
+        again = httpx.post(f"http://127.0.0.1:{port}/embed/text", json={"text": "a cat"}, timeout=HANG_GUARD_SECONDS)
         assert again.status_code == 200
         assert again.json()["embedding"] == pytest.approx(embedded.json()["embedding"], abs=1e-5)
 
@@ -126,7 +126,7 @@ def test_a_failing_service_is_reported_while_the_other_runs_and_ctrl_c_stops_wha
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_GUARD_SECONDS
         while "Press Ctrl-C" not in output.read_text() and script.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         text = output.read_text()
@@ -140,14 +140,14 @@ def test_a_failing_service_is_reported_while_the_other_runs_and_ctrl_c_stops_wha
         assert answer is not None and answer.status_code == 200  # the other service keeps running
 
         script.send_signal(signal.SIGINT)
-        assert script.wait(timeout=60) == 130
+        assert script.wait(timeout=HANG_GUARD_SECONDS) == 130
         assert "Stopping the services this run started: bge_embed" in output.read_text()
         assert wait_until_closed(good)
         assert list((tmp_path / "run").glob("*.pid")) == []
     finally:
         if script.poll() is None:
             script.terminate()
-            script.wait(timeout=60)
+            script.wait(timeout=HANG_GUARD_SECONDS)
         run(["stop"], env)
 
 

@@ -159,7 +159,7 @@ def test_qwen3_4b_service_serves_the_z_image_text_encoder(zimage_root, tmp_path)
 
 def test_a_missing_model_stops_start_up_with_a_message_naming_the_variable(tmp_path):
     with pytest.raises(RuntimeError) as failure:
-        for _ in serve("BgeEmbed", {"BGE_EMBED_MODEL": str(tmp_path / "nowhere")}, tmp_path / "bad.log", timeout=90):
+        for _ in serve("BgeEmbed", {"BGE_EMBED_MODEL": str(tmp_path / "nowhere")}, tmp_path / "bad.log"):
             pass
     assert "BGE_EMBED_MODEL" in str(failure.value) and "no such directory" in str(failure.value)
 
