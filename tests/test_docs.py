@@ -137,3 +137,15 @@ def test_every_endpoint_in_the_api_tables_appears_in_a_chinese_table(en, zh):
 
     missing = sorted(endpoints(en) - endpoints(zh))
     assert not missing, f"README.zh-CN.md's tables lack the endpoints {missing}"
+
+
+def test_ci_runs_the_readmes_test_section(en):
+    """.ci/run installs the system packages from the file the README's line reads, then runs the README's test
+    command verbatim: CI passes only on what the README tells a new user to do."""
+    [block] = [lines for _, lines in code_blocks(en) if "pip install -e '.[test]' && python -m pytest -q" in lines]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    packages_line, test_command = block
+    assert "$(sed 's/#.*//' tests/system-packages.txt)" in packages_line
+    assert any("$(sed 's/#.*//' tests/system-packages.txt)" in line for line in ci)
+    assert test_command in ci
+    assert ci[-1] == test_command  # the last thing CI does
