@@ -20,3 +20,5 @@ part 110 python bench/gpu_siglip.py --images 1024 --out "$out/gpu_siglip.json"  
 if [ -z "$smoke" ]; then  # a real CUDA OOM needs a GPU (no smoke mode)
     timeout 60 python bench/gpu_faults.py --out "$out/gpu_faults.json" 2>&1 | tail -40  # issue 15
 fi
+# torchvision's own decode_jpeg behind runners/gpu_decode.py (the README's tests have no torchvision to run it)
+timeout 60 python -m pytest -q -o addopts= -p no:cacheprovider bench/device_checks 2>&1 | tail -20
