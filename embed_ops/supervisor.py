@@ -162,7 +162,10 @@ class Supervisor:
             now = time.time()
             reason = exit_reason(code, self.first_error(self.log_path, offset))
             self.write(last_exit=reason, last_exit_at=now, service_pid=None)
-            if not ever_healthy:
+            # A first start that never answers is a cause to fix (a model that cannot load); a restart of a service
+            # that was up may fail for a passing reason (circus gives up on a worker slow to spawn on a loaded
+            # machine), so it counts as a crash, under the crash-loop limit.
+            if not ever_healthy and not self.state.get("restarts"):
                 message = f"it exited before /health answered ({reason}); not restarting: fix the cause, then start it"
                 self.log(message)
                 self.write(state=START_FAILED, message=message)

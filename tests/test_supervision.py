@@ -26,11 +26,13 @@ FAKE_SERVICE = textwrap.dedent(
     port, mode, starts = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     with open(starts, "a") as out:
         out.write(f"{os.getpid()}\\n")
-    if mode == "broken":
+    started = len(open(starts).read().split())
+    if mode == "broken" or (mode == "restart-fails-once" and started == 2):
         print("ValueError: BGE_EMBED_MODEL='/nowhere' is not a model", flush=True)
         sys.exit(2)
 
     answered = threading.Event()
+    crashes = mode == "crash" or (mode == "restart-fails-once" and started == 1)
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -38,7 +40,7 @@ FAKE_SERVICE = textwrap.dedent(
             self.send_header("content-length", "2")
             self.end_headers()
             self.wfile.write(b"{}")
-            if mode == "crash" and not answered.is_set():
+            if crashes and not answered.is_set():
                 answered.set()  # crashes once it has been seen up: a crash of a running service, on any machine
                 threading.Timer(0.1, crash).start()
 
@@ -222,5 +224,18 @@ def test_a_service_that_never_reaches_health_is_not_restarted(tmp_path):
         assert watched.returncode == 1
         assert "FAILED bge_embed: it exited before /health answered" in watched.stdout
         assert "first error: ValueError: BGE_EMBED_MODEL='/nowhere' is not a model" in watched.stdout
+    finally:
+        supervised.close()
+
+
+def test_a_restart_that_fails_before_health_is_tried_again(tmp_path):
+    """Up, crashed, and its first restart exits before /health answers (as `bentoml serve` does when circus gives up
+    on a worker slow to spawn): that restart counts as a crash, and the next one brings the service back."""
+    supervised = Supervised(tmp_path, "restart-fails-once")
+    try:
+        assert supervised.wait_for(lambda: len(supervised.service_pids()) == 3 and healthy(supervised.port))
+        assert supervised.wait_for(lambda: supervised.state().get("state") == "running")
+        assert supervised.state()["restarts"] == 2
+        assert "restart 1 in 1s" in supervised.log() and "restart 2 in 2s" in supervised.log()
     finally:
         supervised.close()
