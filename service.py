@@ -65,6 +65,7 @@ from embed_http.schemas import (
 )
 from embed_http.truncation import TokenizedText, TokenizeResponse, TruncationDirection
 from runners.config import int_setting
+from runners.idle import IdleUnloading, hold_runner
 from runners.images import ImageSettings
 from runners.table import SERVICES, ServiceSpec
 
@@ -81,7 +82,15 @@ class ServiceBase:
     engine: Runner
 
     def health(self) -> dict[str, t.Any]:
+        """Answers whatever the model's state: with IDLE_UNLOAD_SECONDS set, `model_state` says loaded, unloaded or
+        loading (runners/idle.py)."""
         return {"status": "ok", "service": self.spec.seed_name, **self.engine.describe()}
+
+    @bentoml.on_startup
+    def start_idle_timer(self) -> None:
+        """In the worker's event loop, once the service is built: the idle check of a model that unloads when idle."""
+        if isinstance(self.engine, IdleUnloading):
+            self.engine.start_idle_timer()
 
     @classmethod
     def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
@@ -102,7 +111,7 @@ class TextEmbedding(ServiceBase):
     def __init__(self) -> None:
         from runners.embedder import TextEmbedder
 
-        self.engine = TextEmbedder(self.spec)
+        self.engine = hold_runner(self.spec, TextEmbedder)
 
     @classmethod
     def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
@@ -175,7 +184,7 @@ class Reranking(ServiceBase):
     def __init__(self) -> None:
         from runners.reranker import Reranker
 
-        self.engine = Reranker(self.spec)
+        self.engine = hold_runner(self.spec, Reranker)
 
     @bentoml.api(route="/rerank")
     @json_errors
@@ -218,7 +227,7 @@ class ImageEmbedding(ServiceBase):
     def __init__(self) -> None:
         from runners.siglip import SiglipEmbedder
 
-        self.engine = SiglipEmbedder(self.spec)
+        self.engine = hold_runner(self.spec, SiglipEmbedder)
 
     @classmethod
     def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:

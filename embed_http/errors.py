@@ -37,14 +37,21 @@ def status_of(exc: InputError | Overloaded) -> int:
     return exc.status if isinstance(exc, InputError) else STATUS["overloaded"]
 
 
+def retry_headers(exc: Overloaded) -> dict[str, str] | None:
+    """Retry-After, when the runner knows how long to wait (a model loading again after an idle unload)."""
+    return None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+
+
 # -- the project's shape ------------------------------------------------------------------------------
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body: dict[str, t.Any] = {"error": message}
     if param is not None:
         body["param"] = param
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def json_errors(api: t.Callable[..., t.Awaitable[t.Any]]) -> t.Callable[..., t.Awaitable[t.Any]]:
@@ -61,7 +68,7 @@ def json_errors(api: t.Callable[..., t.Awaitable[t.Any]]) -> t.Callable[..., t.A
         except InputError as exc:
             return error_response(status_of(exc), exc.message, exc.param)
         except Overloaded as exc:
-            return error_response(status_of(exc), str(exc))
+            return error_response(status_of(exc), str(exc), headers=retry_headers(exc))
 
     return wrapper
 
@@ -83,8 +90,15 @@ def openai_error_body(status: int, message: str, param: str | None = None, code:
     return {"error": error, "detail": message}
 
 
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == STATUS["unauthorized"] else None
+def openai_error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if status == STATUS["unauthorized"]:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(openai_error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -100,7 +114,7 @@ def openai_errors(
         except InputError as exc:
             return openai_error(status_of(exc), exc.message, exc.param)
         except Overloaded as exc:
-            return openai_error(status_of(exc), str(exc), code="overloaded")
+            return openai_error(status_of(exc), str(exc), code="overloaded", headers=retry_headers(exc))
 
     return wrapper
 
@@ -128,7 +142,7 @@ def tei_errors(handler: t.Callable[..., t.Awaitable[t.Any]]) -> t.Callable[..., 
         except InputError as exc:
             return tei_error(status_of(exc), exc.message)
         except Overloaded as exc:
-            return tei_error(status_of(exc), str(exc))
+            return tei_error(status_of(exc), str(exc), headers=retry_headers(exc))
 
     return wrapper
 

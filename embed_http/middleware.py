@@ -127,7 +127,9 @@ class ProtocolErrors:
             status, body = start["status"], b"".join(chunks)
             if not shaped(body):
                 rewritten = render(status, error_message(body, status))
-                extra = [(k, v) for k, v in start.get("headers", []) if k.lower() == b"www-authenticate"]
+                extra = [
+                    (k, v) for k, v in start.get("headers", []) if k.lower() in (b"www-authenticate", b"retry-after")
+                ]
                 start = {**start, "headers": rewritten.raw_headers + extra}
                 body = rewritten.body
             await send(start)

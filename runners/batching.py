@@ -10,6 +10,7 @@ short texts are never padded to long ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from bisect import bisect_right
@@ -436,6 +437,12 @@ class Batcher(Generic[Item, Result]):
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def stopped(self) -> None:
+        """After close(): wait until the worker task has ended (its frame holds the runner's process function)."""
+        if self._worker is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
 
 
 def _settle(future: asyncio.Future, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -55,6 +55,8 @@ class RunnerConfig:
     pooling: str | None  # override of the model's own pooling: one of POOLING_NAMES
     packed: bool = True  # padding-free forward for architectures that have one (EMBED_PACKED=0 turns it off)
     compile: str = "auto"  # torch.compile the packed layers: auto (on GPUs) | 1 | 0
+    idle_unload_seconds: int = 0  # unload the model after this long without a request (runners/idle.py); 0: never
+    load_wait_seconds: int = 300  # a request waits this long for a model loading again, then gets a 503
 
     def compiles_on(self, device: Any) -> bool:
         """EMBED_COMPILE: 1 always, 0 never, auto on GPUs only (compiling costs start-up time; the fused
@@ -84,4 +86,6 @@ class RunnerConfig:
             pooling=pooling,
             packed=(setting(spec, "PACKED", "1") or "1").lower() not in ("0", "false", "no", "off"),
             compile=(setting(spec, "COMPILE", "auto") or "auto").lower(),
+            idle_unload_seconds=int_setting(spec, "IDLE_UNLOAD_SECONDS", 0, minimum=0),
+            load_wait_seconds=int_setting(spec, "LOAD_WAIT_SECONDS", 300),
         )

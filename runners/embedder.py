@@ -10,7 +10,7 @@ import asyncio
 import copy
 import logging
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,6 +37,11 @@ CPU_PASS_ITEMS = 64
 
 
 class TextEmbedder:
+    # What a service may read while the model is unloaded (runners/idle.py): plain facts, no model or tokenizer.
+    KEPT_WHEN_UNLOADED: ClassVar[frozenset[str]] = frozenset(
+        {"spec", "config", "model_name", "prompt", "default_instruction", "named_prompts", "dimension", "max_length"}
+    )
+
     def __init__(self, spec: ServiceSpec, config: RunnerConfig | None = None) -> None:
         """Load the model that `<NAME>_MODEL` names, as the environment configures it."""
         config = config or RunnerConfig.from_env(spec)

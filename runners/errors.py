@@ -18,4 +18,9 @@ class ModelLoadError(RuntimeError):
 
 
 class Overloaded(RuntimeError):
-    """The model cannot take this work (out of memory even alone, or the queue is full). Maps to 503."""
+    """The model cannot take this work (out of memory even alone, the queue is full, the model is not loaded yet).
+    Maps to 503; `retry_after` (seconds), when known, to its Retry-After header."""
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

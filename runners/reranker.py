@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -54,6 +54,11 @@ class Pair:
 
 
 class Reranker:
+    # What a service may read while the model is unloaded (runners/idle.py): plain facts, no model or tokenizer.
+    KEPT_WHEN_UNLOADED: ClassVar[frozenset[str]] = frozenset(
+        {"spec", "config", "model_name", "default_instruction", "max_length"}
+    )
+
     def __init__(self, spec: ServiceSpec, config: RunnerConfig | None = None) -> None:
         self.spec = spec
         self.config = config or RunnerConfig.from_env(spec)

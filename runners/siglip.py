@@ -17,7 +17,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 
@@ -114,6 +114,11 @@ def features(output: Any) -> torch.Tensor:
 
 
 class SiglipEmbedder:
+    # What a service may read while the model is unloaded (runners/idle.py): plain facts, no model or processor.
+    KEPT_WHEN_UNLOADED: ClassVar[frozenset[str]] = frozenset(
+        {"spec", "config", "settings", "model_name", "dimension", "max_length", "scale", "bias"}
+    )
+
     def __init__(
         self, spec: ServiceSpec, config: RunnerConfig | None = None, settings: ImageSettings | None = None
     ) -> None:

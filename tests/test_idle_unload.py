@@ -1,0 +1,337 @@
+"""Idle unloading (runners/idle.py): the model is dropped after IDLE_UNLOAD_SECONDS without a request and loaded
+again for the next one. The idle check is called directly on a clock the test advances; loads and frees are held
+on events, so nothing here depends on how fast the machine is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from runners.batching import Batcher
+from runners.errors import Overloaded
+from runners.idle import IdleUnloading, hold_runner
+from runners.table import SERVICES
+from tests.conftest import HANG_GUARD_SECONDS
+
+IDLE = 30.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Weights:
+    """Stands for a model's memory: the test holds a weak reference to it and sees it go."""
+
+
+class FakeRunner:
+    KEPT_WHEN_UNLOADED = frozenset({"config", "max_length", "generation"})
+
+    def __init__(self, generation: int, computing: threading.Event, proceed: threading.Event) -> None:
+        self.generation, self.config, self.max_length = generation, {"max_items_per_request": 4}, 8
+        self.model = Weights()
+        self.computing, self.proceed = computing, proceed
+        self.batcher: Batcher[str, int] = Batcher(self._process, max_batch_items=64, name="fake")
+
+    def _process(self, items: list[str]) -> list[int]:
+        self.computing.set()
+        assert self.proceed.wait(HANG_GUARD_SECONDS)
+        return [len(item) for item in items]
+
+    async def embed(self, texts: list[str]) -> list[int]:
+        return await self.batcher.submit(texts)
+
+    def prompts(self, texts: list[str]) -> list[str]:  # reads no model: answers from the light copy too
+        return [f"{self.max_length}:{text}" for text in texts]
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "cpu", "generation": self.generation, "batches": self.batcher.stats.batches}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+class Builds:
+    """The holder's `build`: counts loads, can hold one until released, and can fail."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.started, self.release = threading.Event(), threading.Event()
+        self.release.set()
+        self.failure: Exception | None = None
+        self.events: list[str] = []
+        self.computing, self.proceed = threading.Event(), threading.Event()
+        self.proceed.set()
+
+    def __call__(self) -> FakeRunner:
+        self.started.set()
+        assert self.release.wait(HANG_GUARD_SECONDS)
+        if self.failure is not None:
+            raise self.failure
+        self.count += 1
+        self.events.append("built")
+        return FakeRunner(self.count, self.computing, self.proceed)
+
+
+def holder_of(builds: Builds, clock: Clock, load_wait: float = HANG_GUARD_SECONDS) -> IdleUnloading[FakeRunner]:
+    holder: IdleUnloading[FakeRunner] = IdleUnloading(
+        builds, idle_seconds=IDLE, load_wait_seconds=load_wait, name="fake", clock=clock
+    )
+    holder.adopt(FakeRunner(0, builds.computing, builds.proceed))
+    return holder
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (on the event loop) until condition holds; a hang guard, not a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANG_GUARD_SECONDS
+    while not condition():
+        assert loop.time() < deadline, f"still waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def wait_thread_event(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, HANG_GUARD_SECONDS)
+
+
+def test_unloads_after_idle_seconds_and_loads_again_on_the_next_request():
+    builds, clock = Builds(), Clock()
+
+    async def main() -> None:
+        holder = holder_of(builds, clock)
+        assert await holder.embed(["abc"]) == [3]
+        weights = weakref.ref(holder._runner.model)
+        clock.now += IDLE - 1
+        assert not await holder.unload_if_idle()  # not idle long enough
+        clock.now += 1
+        assert await holder.unload_if_idle()
+        assert holder.state == "unloaded" and weights() is None  # nothing holds the model any more
+        described = holder.describe()
+        assert described["model_state"] == "unloaded" and described["generation"] == 0  # the last runner's facts
+        assert described["batches"] == 1
+        # What a service reads without awaiting still answers, from the light copy (no model in it).
+        assert holder.max_length == 8 and holder.prompts(["x"]) == ["8:x"]
+        assert not hasattr(holder._light, "model")
+        assert await holder.embed(["abcd", "e"]) == [4, 1]  # loaded again, and answered
+        assert holder.state == "loaded" and builds.count == 1 and holder.loads == 1
+        assert holder.describe()["generation"] == 1
+        assert holder.describe()["batches"] == 2  # the counters carry over to the new queue
+        holder.close()
+
+    asyncio.run(main())
+
+
+def test_concurrent_requests_share_one_load():
+    builds, clock = Builds(), Clock()
+
+    async def main() -> None:
+        holder = holder_of(builds, clock)
+        clock.now += IDLE
+        assert await holder.unload_if_idle()
+        builds.release.clear()
+        requests = [asyncio.ensure_future(holder.embed(["a" * size])) for size in range(1, 6)]
+        await wait_thread_event(builds.started)
+        assert holder.state == "loading" and holder.describe()["model_state"] == "loading"
+        builds.release.set()
+        assert await asyncio.gather(*requests) == [[size] for size in range(1, 6)]
+        assert builds.count == 1
+        holder.close()
+
+    asyncio.run(main())
+
+
+def test_the_idle_check_never_unloads_under_a_request():
+    builds, clock = Builds(), Clock()
+
+    async def main() -> None:
+        holder = holder_of(builds, clock)
+        builds.proceed.clear()
+        request = asyncio.ensure_future(holder.embed(["abc"]))
+        await wait_thread_event(builds.computing)
+        clock.now += 10 * IDLE
+        assert not await holder.unload_if_idle()  # the request is computing
+        builds.proceed.set()
+        assert await request == [3]
+        assert not await holder.unload_if_idle()  # idle time counts from the request's end
+        clock.now += IDLE
+        assert await holder.unload_if_idle()
+        holder.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_during_an_unload_is_answered_and_its_load_waits_for_the_memory():
+    builds, clock = Builds(), Clock()
+
+    async def main() -> None:
+        holder = holder_of(builds, clock)
+        freeing, free = threading.Event(), threading.Event()
+
+        def held_free(uses_cuda: bool) -> None:
+            freeing.set()
+            assert free.wait(HANG_GUARD_SECONDS)
+            builds.events.append("freed")
+
+        holder._free = held_free  # type: ignore[method-assign]
+        clock.now += IDLE
+        unloading = asyncio.ensure_future(holder.unload_if_idle())
+        await wait_thread_event(freeing)
+        assert holder.describe()["model_state"] == "unloaded"
+        request = asyncio.ensure_future(holder.embed(["abcde"]))
+        await until(lambda: holder.state == "loading", "the request to start a load")
+        free.set()
+        assert await request == [5]
+        assert await unloading
+        assert builds.events == ["freed", "built"]  # never two models in memory at once
+        holder.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_load_is_a_503_naming_its_cause_and_the_next_request_tries_again():
+    builds, clock = Builds(), Clock()
+
+    async def main() -> None:
+        holder = holder_of(builds, clock)
+        clock.now += IDLE
+        assert await holder.unload_if_idle()
+        builds.failure = FileNotFoundError("model.safetensors is gone")
+        with pytest.raises(Overloaded, match="model.safetensors is gone") as failed:
+            await holder.embed(["abc"])
+        assert failed.value.retry_after is None
+        assert holder.state == "unloaded" and "model.safetensors is gone" in holder.describe()["load_error"]
+        builds.failure = None
+        assert await holder.embed(["abc"]) == [3]
+        assert holder.state == "loaded" and "load_error" not in holder.describe()
+        holder.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_waits_longer_than_load_wait_seconds_is_told_to_retry():
+    builds, clock = Builds(), Clock()
+
+    async def main() -> None:
+        holder = holder_of(builds, clock, load_wait=0.01)
+        clock.now += IDLE
+        assert await holder.unload_if_idle()
+        builds.release.clear()  # the load cannot end before the wait does, however fast the machine
+        with pytest.raises(Overloaded, match="loading") as waited:
+            await holder.embed(["abc"])
+        assert waited.value.retry_after is not None and 1 <= waited.value.retry_after <= 60
+        assert holder.state == "loading"  # the load goes on without its waiter
+        builds.release.set()
+        await until(lambda: holder.state == "loaded", "the load to end")
+        holder.load_wait_seconds = HANG_GUARD_SECONDS
+        assert await holder.embed(["abc"]) == [3] and builds.count == 1
+        holder.close()
+
+    asyncio.run(main())
+
+
+def test_the_timer_unloads_on_its_own():
+    """The idle timer itself, on the real clock: a hang guard waits for the unload, nothing is timed."""
+    builds = Builds()
+
+    async def main() -> None:
+        holder: IdleUnloading[FakeRunner] = IdleUnloading(builds, idle_seconds=0, load_wait_seconds=60, name="fake")
+        holder.adopt(FakeRunner(0, builds.computing, builds.proceed))
+        holder.start_idle_timer()
+        await until(lambda: holder.state == "unloaded", "the timer to unload")
+        holder.close()
+
+    asyncio.run(main())
+
+
+# -- a real runner ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def idle_bge(monkeypatch, bge_dir, tmp_path):
+    """BGE on a copy of the tiny checkpoint (a test deletes it), held by hold_runner as the service holds it."""
+    from runners.embedder import TextEmbedder
+
+    spec = SERVICES["bge_embed"]
+    model_dir = tmp_path / "bge"
+    shutil.copytree(bge_dir, model_dir)
+    monkeypatch.setenv(spec.model_env, str(model_dir))
+    monkeypatch.setenv("EMBED_DEVICE", "cpu")
+    monkeypatch.setenv("BGE_EMBED_IDLE_UNLOAD_SECONDS", "60")
+    holder = hold_runner(spec, TextEmbedder)
+    assert isinstance(holder, IdleUnloading)
+    yield holder, model_dir
+    holder.close()
+
+
+def test_hold_runner_is_the_runner_itself_when_idle_unloading_is_off(monkeypatch, bge_dir):
+    from runners.embedder import TextEmbedder
+
+    spec = SERVICES["bge_embed"]
+    monkeypatch.setenv(spec.model_env, str(bge_dir))
+    monkeypatch.setenv("EMBED_DEVICE", "cpu")
+    runner = hold_runner(spec, TextEmbedder)
+    assert type(runner) is TextEmbedder
+    runner.close()
+
+
+def test_a_text_embedder_gives_its_model_back_and_answers_the_same_after_reloading(idle_bge):
+    holder, _ = idle_bge
+    texts = ["一只橙色的猫", "黑狗在草地上奔跑"]
+
+    async def main() -> None:
+        before = await holder.embed(texts)
+        model, tokenizer = weakref.ref(holder.model), weakref.ref(holder.tokenizer)
+        holder._clock = lambda: float("inf")  # idle for ever
+        assert await holder.unload_if_idle()
+        assert model() is None and tokenizer() is None
+        # What the HTTP layer reads without awaiting (service.py, embed_http/tei.py) answers while unloaded.
+        assert holder.prompts(["猫"]) == ["猫"] and holder.max_length == 512 and holder.named_prompts == {}
+        assert holder.config.max_items_per_request == 256 and holder.dimension == 48
+        assert holder.describe()["model_state"] == "unloaded"
+        holder._clock = lambda: 0.0
+        assert await holder.embed(texts) == before
+        tokens = await holder.tokenize(["猫"])
+        assert tokens[0]["tokens"] == ["[CLS]", "猫", "[SEP]"]
+
+    asyncio.run(main())
+
+
+def test_a_checkpoint_deleted_while_unloaded_is_a_503_naming_it_then_served_once_it_is_back(idle_bge):
+    holder, model_dir = idle_bge
+    moved = model_dir.with_name("bge-moved")
+
+    async def main() -> None:
+        expected = await holder.embed(["猫"])
+        holder._clock = lambda: float("inf")
+        assert await holder.unload_if_idle()
+        model_dir.rename(moved)
+        with pytest.raises(Overloaded, match="could not be loaded again") as failed:
+            await holder.embed(["猫"])
+        assert str(model_dir) in str(failed.value)
+        moved.rename(model_dir)
+        assert await holder.embed(["猫"]) == expected
+
+    asyncio.run(main())
+
+
+def test_the_http_layer_answers_a_load_wait_with_a_503_and_retry_after():
+    from embed_http.errors import json_errors, openai_errors, tei_errors
+
+    async def loading() -> None:
+        raise Overloaded("the model is loading", retry_after=7)
+
+    for wrap in (json_errors, openai_errors, tei_errors):
+        response = asyncio.run(wrap(loading)())
+        assert response.status_code == 503 and response.headers["retry-after"] == "7"
+        assert "loading" in json.dumps(json.loads(response.body))
