@@ -82,8 +82,8 @@ class ServiceBase:
     engine: Runner
 
     def health(self) -> dict[str, t.Any]:
-        """Answers whatever the model's state: with IDLE_UNLOAD_SECONDS set, `model_state` says loaded, unloaded or
-        loading (runners/idle.py)."""
+        """Answers whatever the model's state: with IDLE_UNLOAD_SECONDS set, `model_state` says loaded, unloading
+        (its memory being returned), unloaded or loading (runners/idle.py)."""
         return {"status": "ok", "service": self.spec.seed_name, **self.engine.describe()}
 
     @bentoml.on_startup

@@ -23,6 +23,7 @@ import logging
 import math
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Literal, TypeVar
@@ -34,7 +35,7 @@ from .table import ServiceSpec
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-ModelState = Literal["loaded", "unloaded", "loading"]
+ModelState = Literal["loaded", "unloading", "unloaded", "loading"]
 
 
 def hold_runner(spec: ServiceSpec, runner_class: Callable[[ServiceSpec], R]) -> R:
@@ -108,7 +109,10 @@ class IdleUnloading(Generic[R]):
     def state(self) -> ModelState:
         if self._runner is not None:
             return "loaded"
-        return "loading" if self._loading is not None else "unloaded"
+        if self._loading is not None:
+            return "loading"
+        # Until the memory is returned: "unloaded" then means the memory is back (what a reading of it may rely on).
+        return "unloading" if self._freeing is not None else "unloaded"
 
     def __getattr__(self, name: str) -> Any:
         """The runner's attributes: its coroutine methods through use() (the model loaded first); anything else
@@ -232,8 +236,11 @@ class IdleUnloading(Generic[R]):
             runner.close()  # type: ignore[attr-defined]
             await batcher.stopped()  # its worker task, which holds the runner, has ended
             await asyncio.sleep(0)  # and the loop's callbacks that still held that task have run
+            gone = weakref.ref(runner)
             del runner, batcher
             await loop.run_in_executor(self._executor, self._free, uses_cuda)
+            if gone() is not None:  # memory not returned: say so rather than report an unload that freed nothing
+                log.warning("the unloaded runner is still referenced, its memory is not freed: %s", _holders(gone()))
         finally:
             self._freeing = None
             freed.set_result(None)
@@ -267,3 +274,8 @@ def _light_copy(runner: Any) -> Any:
     kept = getattr(type(runner), "KEPT_WHEN_UNLOADED", ())
     light.__dict__.update({name: value for name, value in vars(runner).items() if name in kept})
     return light
+
+
+def _holders(obj: Any) -> list[str]:
+    """What still refers to `obj` (for the warning above): the referrers' types."""
+    return [type(referrer).__name__ for referrer in gc.get_referrers(obj)]

@@ -5,20 +5,23 @@ on events, so nothing here depends on how fast the machine is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from runners.batching import Batcher
 from runners.errors import Overloaded
 from runners.idle import IdleUnloading, hold_runner
 from runners.table import SERVICES
-from tests.conftest import HANG_GUARD_SECONDS
+from tests.conftest import HANG_GUARD_SECONDS, Served
 
 IDLE = 30.0
 
@@ -187,7 +190,7 @@ def test_a_request_during_an_unload_is_answered_and_its_load_waits_for_the_memor
         clock.now += IDLE
         unloading = asyncio.ensure_future(holder.unload_if_idle())
         await wait_thread_event(freeing)
-        assert holder.describe()["model_state"] == "unloaded"
+        assert holder.describe()["model_state"] == "unloading"
         request = asyncio.ensure_future(holder.embed(["abcde"]))
         await until(lambda: holder.state == "loading", "the request to start a load")
         free.set()
@@ -335,3 +338,69 @@ def test_the_http_layer_answers_a_load_wait_with_a_503_and_retry_after():
         response = asyncio.run(wrap(loading)())
         assert response.status_code == 503 and response.headers["retry-after"] == "7"
         assert "loading" in json.dumps(json.loads(response.body))
+
+
+# -- served ---------------------------------------------------------------------------------------------
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of the server's process tree (BentoML's main process and its worker)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total
+
+
+IDLE_TEXTS = ["an orange cat sleeps in the sun", "一只橙色的猫在阳光下晒太阳"]
+
+
+@pytest.fixture
+def idle_served(tmp_path_factory):
+    """MiniLM (`demo`) served with BGE_EMBED_IDLE_UNLOAD_SECONDS=2."""
+    from tests.conftest import serve
+
+    log_path = tmp_path_factory.mktemp("serve-idle") / "bentoml.log"
+    yield from serve("BgeEmbed", {"BGE_EMBED_MODEL": "demo", "BGE_EMBED_IDLE_UNLOAD_SECONDS": "2"}, log_path)
+
+
+def health(served: Served) -> dict[str, Any]:
+    return served.get("/health").json()
+
+
+def embed_and_read_rss(served: Served) -> tuple[list[list[float]], int, dict[str, Any]]:
+    """Embed IDLE_TEXTS, then read the server's RSS with the model loaded and warm (its weights read by that pass):
+    a reading counts when /health says loaded before and after it with the same number of reloads (so the idle
+    timer did not unload the model in between); otherwise the next try. Not a timing: a consistent reading."""
+    deadline = time.monotonic() + HANG_GUARD_SECONDS
+    while True:
+        response = served.post("/embed/texts", json={"texts": IDLE_TEXTS})
+        assert response.status_code == 200, response.text
+        first = health(served)
+        rss = tree_rss(served.process.pid)
+        second = health(served)
+        if first["model_state"] == second["model_state"] == "loaded" and first["reloads"] == second["reloads"]:
+            return response.json()["embeddings"], rss, second
+        assert time.monotonic() < deadline, "no reading with the model loaded"
+
+
+@pytest.mark.serve
+def test_a_served_model_unloads_when_idle_gives_memory_back_and_answers_the_same_after(idle_served):
+    """/health goes loaded -> unloaded -> (a request) -> loaded; the vectors are the same; the memory read after
+    the unload is lower than with the model loaded. The test waits for states, never for an amount of time."""
+    served = idle_served
+    before, loaded_rss, state = embed_and_read_rss(served)
+    served.gate.wait_until(lambda: health(served)["model_state"] == "unloaded", "the idle model to unload")
+    unloaded_rss = tree_rss(served.process.pid)
+    unloaded = health(served)
+    assert unloaded["model_state"] == "unloaded"  # still: nothing was loaded while the RSS was read
+    after, reloaded_rss, state = embed_and_read_rss(served)
+    assert state["reloads"] > unloaded["reloads"]  # loaded again by the request
+    assert torch.allclose(torch.tensor(after), torch.tensor(before), atol=1e-6)
+    # Measured after the fact: the direction, not an amount or a time.
+    assert unloaded_rss < loaded_rss and unloaded_rss < reloaded_rss, (loaded_rss, unloaded_rss, reloaded_rss)
+    mib = [round(value / 2**20) for value in (loaded_rss, unloaded_rss, reloaded_rss)]
+    print(f"server RSS MiB: loaded {mib[0]}, unloaded {mib[1]}, loaded again {mib[2]}")
