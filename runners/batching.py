@@ -439,10 +439,12 @@ class Batcher(Generic[Item, Result]):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def stopped(self) -> None:
-        """After close(): wait until the worker task has ended (its frame holds the runner's process function)."""
+        """After close(): wait until the worker task and the model's thread have ended. Both hold the runner's
+        process function for a while (the thread until it takes its next work item), so its model lives until then."""
         if self._worker is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        await asyncio.to_thread(self._executor.shutdown, True)  # a round still computing for a gone caller ends first
 
 
 def _settle(future: asyncio.Future, *, result: Any = None, error: BaseException | None = None) -> None:

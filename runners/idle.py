@@ -135,6 +135,8 @@ class IdleUnloading(Generic[R]):
         runner = self._runner
         described = runner.describe() if runner is not None else dict(self._described)  # type: ignore[attr-defined]
         described.update(model_state=self.state, idle_unload_seconds=self.idle_seconds, reloads=self.loads)
+        if self.last_load_seconds is not None:
+            described["last_load_seconds"] = round(self.last_load_seconds, 3)
         if self.load_error is not None:
             described["load_error"] = self.load_error
         return described
