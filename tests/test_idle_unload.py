@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from runners.batching import Batcher
-from runners.errors import Overloaded
+from runners.errors import InputError, Overloaded
 from runners.idle import IdleUnloading, hold_runner
 from runners.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS, Served
@@ -404,3 +404,66 @@ def test_a_served_model_unloads_when_idle_gives_memory_back_and_answers_the_same
     assert unloaded_rss < loaded_rss and unloaded_rss < reloaded_rss, (loaded_rss, unloaded_rss, reloaded_rss)
     mib = [round(value / 2**20) for value in (loaded_rss, unloaded_rss, reloaded_rss)]
     print(f"server RSS MiB: loaded {mib[0]}, unloaded {mib[1]}, loaded again {mib[2]}")
+
+
+def test_the_settings_are_read_per_service_and_a_malformed_one_is_refused(monkeypatch):
+    from runners.config import RunnerConfig
+    from runners.errors import ModelLoadError
+
+    bge, siglip = SERVICES["bge_embed"], SERVICES["siglip2_embed"]
+    assert RunnerConfig.from_env(bge).idle_unload_seconds == 0  # off by default
+    monkeypatch.setenv("EMBED_IDLE_UNLOAD_SECONDS", "600")
+    monkeypatch.setenv("BGE_EMBED_IDLE_UNLOAD_SECONDS", "30")
+    assert RunnerConfig.from_env(bge).idle_unload_seconds == 30
+    assert RunnerConfig.from_env(siglip).idle_unload_seconds == 600
+    for name, value in (("BGE_EMBED_IDLE_UNLOAD_SECONDS", "soon"), ("BGE_EMBED_LOAD_WAIT_SECONDS", "0")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ModelLoadError, match=name):
+            RunnerConfig.from_env(bge)
+        monkeypatch.delenv(name)
+
+
+def test_a_reranker_and_the_image_model_unload_and_answer_the_same_after(monkeypatch, qwen3_reranker_dir, siglip_dir):
+    """The other two runner kinds: their model goes, the facts the HTTP layer reads without awaiting stay."""
+    from runners.reranker import Reranker
+    from runners.siglip import SiglipEmbedder
+
+    monkeypatch.setenv("EMBED_DEVICE", "cpu")
+    monkeypatch.setenv("EMBED_QUANTIZATION", "none")
+    monkeypatch.setenv("EMBED_IDLE_UNLOAD_SECONDS", "60")
+    monkeypatch.setenv(SERVICES["qwen3_8b_rerank"].model_env, str(qwen3_reranker_dir))
+    monkeypatch.setenv(SERVICES["siglip2_embed"].model_env, str(siglip_dir))
+    reranker = hold_runner(SERVICES["qwen3_8b_rerank"], Reranker)
+    siglip = hold_runner(SERVICES["siglip2_embed"], SiglipEmbedder)
+
+    async def cycle(holder: Any, ask: Callable[[], Any], while_unloaded: Callable[[], None]) -> tuple[Any, Any]:
+        before = await ask()
+        model = weakref.ref(holder.model)
+        holder._clock = lambda: float("inf")
+        assert await holder.unload_if_idle()
+        assert model() is None and holder.describe()["model_state"] == "unloaded"
+        while_unloaded()
+        holder._clock = lambda: 0.0
+        return before, await ask()
+
+    def reranker_facts() -> None:  # what service.py and embed_http/protocols.py read without awaiting
+        assert reranker.config.max_items_per_request == 256
+
+    scale, bias = siglip.scale, siglip.bias
+
+    def siglip_facts() -> None:
+        assert (siglip.scale, siglip.bias) == (scale, bias) and siglip.settings.max_images_per_request > 0
+        with pytest.raises(InputError):
+            siglip.check_image_count(0, "images")
+
+    async def main() -> None:
+        before, after = await cycle(reranker, lambda: reranker.score("cat", ["an orange cat", "a dog"]), reranker_facts)
+        assert after == before
+        before, after = await cycle(siglip, lambda: siglip.embed_texts(["an orange cat"]), siglip_facts)
+        assert after == before
+
+    try:
+        asyncio.run(main())
+    finally:
+        reranker.close()
+        siglip.close()
