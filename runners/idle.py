@@ -43,6 +43,7 @@ def hold_runner(spec: ServiceSpec, runner_class: Callable[[ServiceSpec], R]) -> 
 
     The model is loaded here either way, as the service starts, so that a broken model stops the start."""
     config = RunnerConfig.from_env(spec)
+    started = time.perf_counter()
     runner = runner_class(spec)
     if not config.idle_unload_seconds:
         return runner
@@ -53,6 +54,7 @@ def hold_runner(spec: ServiceSpec, runner_class: Callable[[ServiceSpec], R]) -> 
         name=spec.seed_name,
     )
     holder.adopt(runner)
+    holder.last_load_seconds = time.perf_counter() - started  # what a request waiting for a load is told to wait
     return holder  # type: ignore[return-value]  # it stands in for the runner: see __getattr__
 
 
@@ -182,7 +184,7 @@ class IdleUnloading(Generic[R]):
         try:
             if self._freeing is not None:
                 await self._freeing
-            started = self._clock()
+            started = time.perf_counter()  # a duration, not the idle clock's business
             runner = await loop.run_in_executor(self._executor, self._build_and_settle)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -190,7 +192,7 @@ class IdleUnloading(Generic[R]):
             raise Overloaded(f"the model could not be loaded again ({self.load_error}); try again later") from exc
         finally:
             self._loading = None
-        self.last_load_seconds = self._clock() - started
+        self.last_load_seconds = time.perf_counter() - started
         self.loads += 1
         self.adopt(runner)
         log.info("model loaded again in %.1f s", self.last_load_seconds)
@@ -214,9 +216,10 @@ class IdleUnloading(Generic[R]):
     # -- idle ---------------------------------------------------------------------------------------------
 
     def seconds_until_idle(self) -> float:
-        """How long until the idle check may unload (idle_seconds again when nothing is loaded or a request runs)."""
+        """How long until the idle check may unload (idle_seconds again when nothing is loaded or a request runs:
+        a request's end or a load restarts the count, and the check after this sleep computes what is left)."""
         if self._runner is None or self._in_flight:
-            return self.idle_seconds
+            return max(self.idle_seconds, 0.1)
         return max(0.0, self.idle_seconds - (self._clock() - self._last_used))
 
     async def unload_if_idle(self) -> bool:
