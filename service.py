@@ -84,7 +84,7 @@ class ServiceBase:
     def health(self) -> dict[str, t.Any]:
         """Answers whatever the model's state: with IDLE_UNLOAD_SECONDS set, `model_state` says loaded, unloading
         (its memory being returned), unloaded or loading (runners/idle.py)."""
-        return {"status": "ok", "service": self.spec.seed_name, **self.engine.describe()}
+        return {"status": "ok", "service": self.spec.seed_name, "model_state": "loaded", **self.engine.describe()}
 
     @bentoml.on_startup
     def start_idle_timer(self) -> None:
