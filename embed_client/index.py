@@ -42,6 +42,7 @@ from .store import CAPTION_VECTOR, DEFAULT_STORE, IMAGE_VECTOR, PhotoRecord, Pho
 
 DEFAULT_SERVICE = "http://localhost:6010"  # SigLIP2 (runners/table.py)
 DEFAULT_TEXT_SERVICE = "http://localhost:6014"  # Qwen3-Embedding-8B (runners/table.py)
+DOOR_SECONDS = 0.1  # how often an indexing run looks for a search waiting for the store between its writes
 
 # File extensions per image format name, for the formats a service's /health lists.
 FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
@@ -284,6 +285,18 @@ class _Indexer:
         with self.lock:
             self.report.timings[key] += time.perf_counter() - started
 
+    def hand_over(self) -> None:
+        """Let a search that waits for the store in, when no worker is using the store; caller holds the lock."""
+        if self.store.hand_over():
+            self.report.handed_over += 1
+
+    def doorman(self, stop: threading.Event) -> None:
+        """While the workers wait for the service, a search that queued for the store is let in within
+        DOOR_SECONDS, not only after the next batch is written (a batch can take seconds to embed)."""
+        while not stop.wait(DOOR_SECONDS):
+            with self.lock:
+                self.hand_over()
+
     def count(self, counts: dict[str, int], kind: str) -> None:
         counts[kind] = counts.get(kind, 0) + 1
 
@@ -421,8 +434,7 @@ class _Indexer:
             for kind, count in counts.items():
                 setattr(self.report, kind, getattr(self.report, kind) + count)
             counts.clear()
-            if self.store.hand_over():
-                self.report.handed_over += 1
+            self.hand_over()
         self.timed("store", started)
 
     def embed_images(self, files: list[_File]) -> tuple[dict[str, list[float]], dict[str, str]]:
@@ -677,6 +689,9 @@ def _run(
 ) -> None:
     """Batches through `concurrency` threads, at most one waiting batch per thread (bounded memory)."""
     queue = iter(batches)
+    stop = threading.Event()
+    door = threading.Thread(target=worker.doorman, args=(stop,), name="index-door", daemon=True)
+    door.start()
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="index") as pool:
         running: set[Future[int]] = set()
         try:
@@ -699,4 +714,6 @@ def _run(
                 future.cancel()
             raise
         finally:
+            stop.set()
+            door.join()
             progress.close()
