@@ -6,13 +6,16 @@
 
 A run is incremental and safe to interrupt: a file whose size and modification time match its point
 is skipped unread; a touched file whose content hash still matches keeps its vectors; a file with the
-content of another photo already in the store takes that photo's vectors without being sent; a file
-gone from the folder loses its point. Each batch is written as soon as it is embedded, so a killed run
-loses at most the batches in flight, and the next run picks up there.
+content of another photo (in the store, or earlier in the same run) takes that photo's vectors without
+being sent, and is counted as a copy; a file gone from the folder loses its point. Each batch is written
+as soon as it is embedded, so a killed run loses at most the batches in flight, and the next run picks
+up there. At the end, the store builds its search index over what is new (`PhotoStore.optimize`).
 
 A file the service refuses (broken, unsupported, too large) is recorded with the service's own message
-and the run goes on. A busy service (503/429) halves the number of requests in flight and waits its
-Retry-After; an unreachable one (restarting) is waited for, up to `max_wait` seconds at a time.
+and the run goes on; the store remembers the refusal, so the file is not sent again while its size and
+modification time stay the same (`retry_failed` sends it anyway), and every summary still lists it. A
+busy service (503/429) halves the number of requests in flight and waits its Retry-After; an
+unreachable one (restarting) is waited for, up to `max_wait` seconds at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .store import CAPTION_VECTOR, DEFAULT_STORE, IMAGE_VECTOR, PhotoRecord, Pho
 
 DEFAULT_SERVICE = "http://localhost:6010"  # SigLIP2 (runners/table.py)
 DEFAULT_TEXT_SERVICE = "http://localhost:6014"  # Qwen3-Embedding-8B (runners/table.py)
+DOOR_SECONDS = 0.1  # how often an indexing run looks for a search waiting for the store between its writes
 
 # File extensions per image format name, for the formats a service's /health lists.
 FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
@@ -68,6 +72,7 @@ _FIELD = re.compile(r"`images?(\[\d+\])?`")
 class FileError:
     path: str
     reason: str
+    earlier: bool = False  # refused on an earlier run, unchanged since: not sent again
 
 
 @dataclass
@@ -85,10 +90,13 @@ class IndexReport:
     copied: int = 0  # same content as another photo in the store: its vectors reused
     removed: int = 0
     captions: int = 0  # caption vectors written
+    handed_over: int = 0  # times the run let a waiting search use the store between two batches
     errors: list[FileError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("read", "images", "captions", "store"), 0))
+    timings: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("read", "images", "captions", "store", "optimize"), 0)
+    )
 
     @property
     def embedded(self) -> int:
@@ -96,10 +104,12 @@ class IndexReport:
 
     def summary(self) -> str:
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
+        earlier = sum(error.earlier for error in self.errors)
+        errors = f"{len(self.errors)} errors" + (f" ({earlier} refused on an earlier run)" if earlier else "")
         return (
             f"{self.folder}: {self.found} photos; {self.added} added, {self.updated} re-embedded, "
             f"{self.copied} copies, {self.touched} touched, {self.unchanged} unchanged, {self.removed} removed, "
-            f"{self.captions} captions, {len(self.errors)} errors in {self.seconds:.1f} s ({rate:.1f} photos/s)"
+            f"{self.captions} captions, {errors} in {self.seconds:.1f} s ({rate:.1f} photos/s)"
         )
 
 
@@ -261,15 +271,53 @@ class _Indexer:
         *,
         concurrency: int,
         max_wait: float,
+        retry_failed: bool = False,
     ) -> None:
         self.store, self.images, self.texts, self.report = store, images, texts, report
         self.limiter = _Limiter(concurrency)
-        self.max_wait = max_wait
+        self.max_wait, self.retry_failed = max_wait, retry_failed
         self.lock = threading.Lock()  # the store and the report are touched by one worker at a time
+        # Contents being embedded by a batch in flight: a copy in another batch waits for it rather than
+        # being sent too (the claiming batch writes its points before it sets the event, never waits first).
+        self.claims: dict[str, threading.Event] = {}
 
     def timed(self, key: str, started: float) -> None:
         with self.lock:
             self.report.timings[key] += time.perf_counter() - started
+
+    def hand_over(self) -> None:
+        """Let a search that waits for the store in, when no worker is using the store; caller holds the lock."""
+        if self.store.hand_over():
+            self.report.handed_over += 1
+
+    def doorman(self, stop: threading.Event) -> None:
+        """While the workers wait for the service, a search that queued for the store is let in within
+        DOOR_SECONDS, not only after the next batch is written (a batch can take seconds to embed)."""
+        while not stop.wait(DOOR_SECONDS):
+            with self.lock:
+                self.hand_over()
+
+    def count(self, counts: dict[str, int], kind: str) -> None:
+        counts[kind] = counts.get(kind, 0) + 1
+
+    def source(self, sha256: str) -> PhotoRecord | None:
+        """A stored point with this content (its vectors, or the service's refusal of it); caller holds the lock."""
+        found = self.store.find_by_hash(sha256)
+        if found is not None and found.error is not None and self.retry_failed:
+            return None
+        return found
+
+    def reuse(self, record: PhotoRecord, source: PhotoRecord) -> bool:
+        """Take what is known of the same content: its vectors (True), or its refusal (False)."""
+        if source.error is not None or IMAGE_VECTOR not in source.vectors:
+            record.error = source.error or "refused by the service"
+            if source.path != record.path:
+                record.error = f"same content as {source.path}, which was refused: {source.error}"
+            return False
+        record.vectors[IMAGE_VECTOR] = source.vectors[IMAGE_VECTOR]
+        if source.caption == record.caption and CAPTION_VECTOR in source.vectors:
+            record.vectors[CAPTION_VECTOR] = source.vectors[CAPTION_VECTOR]
+        return True
 
     def run_batch(self, batch: list[_File], known: Mapping[str, PhotoRecord]) -> int:
         """Read, embed and store one batch; returns how many files it settled (all of them)."""
@@ -288,47 +336,106 @@ class _Indexer:
         count = len(batch)
         batch = [item for item in batch if item.path not in unreadable]
 
-        records: list[PhotoRecord] = []
+        records: dict[str, PhotoRecord] = {}
         to_embed: dict[str, str] = {}  # path -> "added" or "updated"
+        waiting: dict[str, threading.Event] = {}  # path -> the claim of the batch that embeds its content
+        mine: list[str] = []  # contents this batch claimed
         counts: dict[str, int] = {}
         with self.lock:
             for item in batch:
                 record = PhotoRecord(item.path, item.size, item.mtime_ns, item.sha256, item.taken_at, item.caption)
-                records.append(record)
+                records[item.path] = record
                 before = known.get(item.path)
-                if before is not None and before.sha256 == item.sha256:
+                if before is not None and before.sha256 == item.sha256 and before.error is None:
                     source, kind = self.store.get(item.path), "touched"
-                else:
-                    source, kind = self.store.find_by_hash(item.sha256), "copied"
-                if source is None or IMAGE_VECTOR not in source.vectors:
-                    to_embed[item.path] = "updated" if before is not None else "added"
+                elif item.sha256 in self.claims:
+                    waiting[item.path] = self.claims[item.sha256]
                     continue
-                record.vectors[IMAGE_VECTOR] = source.vectors[IMAGE_VECTOR]
-                if source.caption == record.caption and CAPTION_VECTOR in source.vectors:
-                    record.vectors[CAPTION_VECTOR] = source.vectors[CAPTION_VECTOR]
-                counts[kind] = counts.get(kind, 0) + 1
-
-        vectors, errors = self.embed_images([item for item in batch if item.path in to_embed])
-        errors.update(unreadable)
-        kept = [record for record in records if record.path not in errors]
-        for record in kept:
-            if record.path in to_embed:
-                record.vectors[IMAGE_VECTOR] = vectors[record.path]
-                counts[to_embed[record.path]] = counts.get(to_embed[record.path], 0) + 1
-        self.embed_captions(kept)
-
-        started = time.perf_counter()
-        with self.lock:
-            self.store.upsert(kept)
-            self.report.errors.extend(FileError(path, reason) for path, reason in errors.items())
-            for kind, count in counts.items():
-                setattr(self.report, kind, getattr(self.report, kind) + count)
-            if errors:  # a file that no longer embeds must not keep the vectors of its old content
-                self.store.delete(path for path in errors if path in known)
-        self.timed("store", started)
+                else:
+                    source, kind = self.source(item.sha256), "copied"
+                if source is not None and source.error is None and IMAGE_VECTOR not in source.vectors:
+                    source = None  # a point without its picture's vector: embed the file
+                if source is None:
+                    to_embed[item.path] = "updated" if before is not None else "added"
+                    self.claims[item.sha256] = threading.Event()
+                    mine.append(item.sha256)
+                elif self.reuse(record, source):
+                    self.count(counts, kind)
+        try:
+            self.embed_and_store(batch, records, to_embed, unreadable, counts, known)
+        finally:
+            with self.lock:
+                for sha256 in mine:
+                    self.claims.pop(sha256).set()
+        if waiting:
+            self.store_copies(records, waiting, known)
         for item in batch:
             item.data = b""
         return count
+
+    def embed_and_store(
+        self,
+        batch: list[_File],
+        records: dict[str, PhotoRecord],
+        to_embed: dict[str, str],
+        unreadable: dict[str, str],
+        counts: dict[str, int],
+        known: Mapping[str, PhotoRecord],
+    ) -> None:
+        vectors, refused = self.embed_images([item for item in batch if item.path in to_embed])
+        for path, reason in refused.items():
+            records[path].error = reason
+        for path, vector in vectors.items():
+            records[path].vectors[IMAGE_VECTOR] = vector
+            self.count(counts, to_embed[path])
+        done = [record for record in records.values() if record.vectors or record.error is not None]
+        self.embed_captions([record for record in done if record.error is None])
+        self.write(done, counts, unreadable, known)
+
+    def store_copies(
+        self, records: dict[str, PhotoRecord], waiting: dict[str, threading.Event], known: Mapping[str, PhotoRecord]
+    ) -> None:
+        """Files whose content another batch was embedding: its point is stored now (or its refusal)."""
+        for event in set(waiting.values()):
+            event.wait()
+        counts: dict[str, int] = {}
+        with self.lock:
+            leftover = []
+            for path in waiting:
+                record, source = records[path], self.source(records[path].sha256)
+                if source is None:  # that batch failed as a whole (the run is ending): send this one
+                    leftover.append(path)
+                elif self.reuse(record, source):
+                    self.count(counts, "copied")
+        if leftover:
+            files = [_File(path, records[path].size, records[path].mtime_ns) for path in leftover]
+            for item in files:
+                item.data = Path(item.path).read_bytes()
+            self.embed_and_store(
+                files, {p: records[p] for p in leftover}, dict.fromkeys(leftover, "added"), {}, counts, known
+            )
+        self.write([records[path] for path in waiting if path not in leftover], counts, {}, known)
+
+    def write(
+        self,
+        done: list[PhotoRecord],
+        counts: dict[str, int],
+        unreadable: dict[str, str],
+        known: Mapping[str, PhotoRecord],
+    ) -> None:
+        started = time.perf_counter()
+        with self.lock:
+            # A refused file is stored as a point without vectors that says why: a file that no longer embeds
+            # loses the vectors of its old content, and it is not sent again while unchanged.
+            self.store.upsert(done)
+            self.store.delete(path for path in unreadable if path in known)
+            self.report.errors.extend(FileError(path, reason) for path, reason in unreadable.items())
+            self.report.errors.extend(FileError(r.path, r.error) for r in done if r.error is not None)
+            for kind, count in counts.items():
+                setattr(self.report, kind, getattr(self.report, kind) + count)
+            counts.clear()
+            self.hand_over()
+        self.timed("store", started)
 
     def embed_images(self, files: list[_File]) -> tuple[dict[str, list[float]], dict[str, str]]:
         """Vectors by path, and the reason for each file the service refused (the others still embedded)."""
@@ -405,13 +512,17 @@ def index_folder(
     collection: str = "photos",
     timeout: float = 300.0,
     on_batch: Callable[[int], None] | None = None,
+    retry_failed: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> IndexReport:
     """Index the photos under `folder` into `store` (a folder, ":memory:", or a Qdrant server's URL).
 
     `text_service` embeds captions (from the `captions` sidecar, or each photo's EXIF/XMP description)
     into each point's `caption` vector; None, or a service that does not answer, leaves captions as text
-    only. `progress`: a progress bar on stderr (default: when stderr is a terminal). `on_batch` is called
-    with the number of files settled each time a batch has been written to the store.
+    only. `progress`: a progress bar on stderr (default: when stderr is a terminal), over every file found.
+    `on_batch` is called with the number of files settled each time a batch has been written to the store.
+    `retry_failed` sends files the service refused on an earlier run again, changed or not. `notify` is told
+    what the store is doing when that takes a while (waiting for another process, a migration).
     """
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
@@ -419,7 +530,9 @@ def index_folder(
     started = time.monotonic()
     api_key = api_key if api_key is not None else (os.environ.get("EMBED_API_KEY") or None)
     owned = not isinstance(store, PhotoStore)
-    photo_store = PhotoStore(store, collection) if owned else store  # type: ignore[arg-type]
+    photo_store = (
+        PhotoStore(store, collection, create=True, role="index", notify=notify) if owned else store  # type: ignore[arg-type]
+    )
     report = IndexReport(str(root), photo_store.location)
     register_heif()
     images = EmbedClient(service, api_key=api_key, timeout=timeout, retries=0)
@@ -439,7 +552,7 @@ def index_folder(
         batch_size = max(1, min(batch_size, int(health.get("max_images_per_request") or batch_size)))
 
         prefix = str(root) + os.sep
-        known = {r.path: r for r in photo_store.records() if r.path.startswith(prefix)}
+        known = {r.path: r for r in photo_store.records(include_failed=True) if r.path.startswith(prefix)}
         files: list[_File] = []
         accepted = extensions_for(health)
         for path in walk(root, ALL_EXTENSIONS):
@@ -468,10 +581,14 @@ def index_folder(
         for item in files:
             before = known.get(item.path)
             caption_same = item.caption is None or (before is not None and before.caption == item.caption)
-            if before and before.size == item.size and before.mtime_ns == item.mtime_ns and caption_same:
-                report.unchanged += 1
-            else:
+            if not (before and before.size == item.size and before.mtime_ns == item.mtime_ns and caption_same):
                 pending.append(item)
+            elif before.error is None:
+                report.unchanged += 1
+            elif retry_failed:
+                pending.append(item)
+            else:  # refused before and unchanged since: the same bytes would be refused again
+                report.errors.append(FileError(item.path, before.error, earlier=True))
         batches = _batches(pending, batch_size, max_bytes or 32 * 2**20)
         worker = _Indexer(
             photo_store,
@@ -480,9 +597,15 @@ def index_folder(
             report,
             concurrency=concurrency,
             max_wait=max_wait,
+            retry_failed=retry_failed,
         )
-        bar = _progress_bar(len(pending), progress, report)
+        # The bar counts every file found, so it ends at 100% however many were skipped or refused.
+        bar = _progress_bar(report.found, progress, report)
+        bar.advance(report.found - len(pending))
         _run(batches, worker, known, concurrency, bar, on_batch)
+        optimizing = time.perf_counter()
+        photo_store.optimize()
+        report.timings["optimize"] += time.perf_counter() - optimizing
     finally:
         images.close()
         if texts is not None:
@@ -566,6 +689,9 @@ def _run(
 ) -> None:
     """Batches through `concurrency` threads, at most one waiting batch per thread (bounded memory)."""
     queue = iter(batches)
+    stop = threading.Event()
+    door = threading.Thread(target=worker.doorman, args=(stop,), name="index-door", daemon=True)
+    door.start()
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="index") as pool:
         running: set[Future[int]] = set()
         try:
@@ -588,4 +714,6 @@ def _run(
                 future.cancel()
             raise
         finally:
+            stop.set()
+            door.join()
             progress.close()

@@ -1,60 +1,79 @@
-"""Search an indexed photo library with words (or with one of its photos).
+"""Search an indexed photo library with words (or with a photo, in the library or not).
 
     from embed_client import search
-    for hit in search("orange cat on a sofa", top=10, rerank="http://localhost:6015"):
-        print(hit.rank, hit.score, hit.path, hit.caption)
+    for hit in search("orange cat on a sofa", top=10, after="2019", rerank="http://localhost:6015"):
+        print(hit.rank, hit.match, hit.path, hit.copies)
 
 The query goes through SigLIP2's text tower and is matched against the photos' image vectors; where
 the library has captions, it also goes through the caption embedder (with a query instruction) and is
-matched against the caption vectors. Two candidate lists are merged by reciprocal-rank fusion
-(score = sum over lists of 1 / (60 + rank), Cormack et al. 2009): rank-based, so the two models'
-cosines, which live on different scales, need no calibration. With `rerank`, a reranker service
-reorders the captioned candidates by their captions; a candidate without a caption keeps its place.
+matched against the caption vectors. The store's engine merges the two candidate lists by reciprocal-rank
+fusion (score = sum over lists of 1 / (60 + rank), Cormack et al. 2009): rank-based, so the two models'
+cosines, which live on different scales, need no calibration. Capture-date bounds (`after`, `before`) are
+filters the engine serves from its payload index. Exact copies of a photo (the same SHA-256) are one
+result that lists the other copies' paths. With `rerank`, a reranker service reorders the captioned
+candidates by their captions; a candidate without a caption keeps its place.
+
+Each hit's `match` is SigLIP's own answer to "does this photo show these words": the sigmoid of the
+cosine times the model's logit scale plus its bias (both from the service's /health), the probability
+the model was trained to output. A raw SigLIP cosine of a good match is ~0.1-0.2, meaningless alone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import EmbedClient, EmbedClientError
 from .index import DEFAULT_SERVICE, DEFAULT_TEXT_SERVICE
-from .store import CAPTION_VECTOR, DEFAULT_STORE, IMAGE_VECTOR, PhotoStore, StoreHit
+from .store import (
+    CAPTION_VECTOR,
+    DEFAULT_STORE,
+    DEFAULT_WAIT,
+    IMAGE_VECTOR,
+    RRF_K,
+    PhotoStore,
+    QueryResult,
+    date_bound,
+)
 
-RRF_K = 60  # the constant of Cormack et al.; it damps the weight of the very first ranks
+__all__ = ["CAPTION_QUERY_INSTRUCTION", "RRF_K", "SearchHit", "search", "siglip_match"]
+
 # Qwen3-Embedding wants an instruction on queries (not on documents); blank it for a service that takes none.
 CAPTION_QUERY_INSTRUCTION = "Given a photo search query, retrieve the captions of the photos that match it"
 
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One photo found. `score` is what ordered it: the reranker's P(relevant) when it was reranked,
-    else the fused RRF score when two lists were merged, else the cosine with the query."""
+    """One photo found. `score` is what ordered it: the reranker's P(relevant) when it was reranked, else
+    the engine's RRF score when two lists were fused, else the cosine with the query. `match` is SigLIP's
+    probability that the photo shows the words (text queries; None for a search by photo). `copies` are the
+    other paths with the same content."""
 
     rank: int
     score: float
     path: str
     caption: str | None = None
     taken_at: str | None = None
+    match: float | None = None
     image_score: float | None = None  # cosine of the query's SigLIP2 vector with the photo's
     caption_score: float | None = None  # cosine of the query's text vector with the caption's
     rerank_score: float | None = None
+    copies: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        found = asdict(self)
+        found["copies"] = list(self.copies)
+        return found
 
 
-def fuse(lists: list[list[StoreHit]], k: int = RRF_K) -> list[tuple[str, float]]:
-    """Reciprocal-rank fusion of ranked lists of hits: (path, score), best first; ties keep first-seen order."""
-    scores: dict[str, float] = {}
-    for hits in lists:
-        for rank, hit in enumerate(hits, 1):
-            scores[hit.record.path] = scores.get(hit.record.path, 0.0) + 1.0 / (k + rank)
-    return sorted(scores.items(), key=lambda item: -item[1])
+def siglip_match(cosine: float, scale: float, bias: float) -> float:
+    """SigLIP's sigmoid: the model's probability that an image and a text belong together."""
+    return 1.0 / (1.0 + math.exp(-(cosine * scale + bias)))
 
 
 def search(
@@ -69,91 +88,114 @@ def search(
     rerank: str | None = None,
     candidates: int | None = None,
     using: Sequence[str] = (IMAGE_VECTOR, CAPTION_VECTOR),
+    after: str | None = None,
+    before: str | None = None,
     api_key: str | None = None,
     collection: str = "photos",
     timeout: float = 60.0,
+    wait: float = DEFAULT_WAIT,
+    notify: Callable[[str], None] | None = None,
 ) -> list[SearchHit]:
-    """The `top` photos for a text `query`, or the photos most like the photo `like` (by its stored vector,
-    or embedded now if it is not in the store). `candidates` (default 3 x top) is how many each list
+    """The `top` photos for a text `query`, or the photos most like the photo `like` (its stored vector, or
+    embedded now when it is not in the store). `candidates` (default 3 x top) is how many each list
     contributes to the fusion and the reranker. `using` limits the search to the photos' pictures ("image")
-    or to their captions ("caption")."""
+    or to their captions ("caption"). `after` (inclusive) and `before` (exclusive) bound the EXIF capture
+    date ("2019", "2019-07", "2019-07-14" or a timestamp); photos without one are left out then. `wait`:
+    seconds to wait for an indexing run to hand the store over (`notify` is told when that happens)."""
     if (query is None or not query.strip()) == (like is None):
         raise ValueError("give a non-empty query or a photo to search like, not both")
     if not set(using) <= {IMAGE_VECTOR, CAPTION_VECTOR} or not using:
         raise ValueError(f"using must name {IMAGE_VECTOR!r} and/or {CAPTION_VECTOR!r}, got {list(using)}")
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
+    after, before = date_bound(after), date_bound(before)
+    if after is not None and before is not None and after >= before:
+        raise ValueError(f"nothing is taken after {after} and before {before}")
     api_key = api_key if api_key is not None else (os.environ.get("EMBED_API_KEY") or None)
     pool = max(top, candidates or 3 * top)
-    owned = not isinstance(store, PhotoStore)
-    photo_store = PhotoStore(store, collection) if owned else store  # type: ignore[arg-type]
-    try:
-        lists = []
-        if IMAGE_VECTOR in using or like is not None:
-            with EmbedClient(service, api_key=api_key, timeout=timeout) as images:
-                by_photo = like is not None
-                vector = _photo_vector(photo_store, images, like) if by_photo else images.get_embedding(query)  # type: ignore[arg-type]
-            lists.append(photo_store.search(vector, IMAGE_VECTOR, pool))
-        captioned = CAPTION_VECTOR in photo_store.vector_sizes() and photo_store.count(with_caption=True) > 0
-        if query is not None and text_service and captioned and CAPTION_VECTOR in using:
-            caption_hits = _caption_hits(photo_store, text_service, query, caption_instruction, api_key, pool)
-            if caption_hits is not None:
-                lists.append(caption_hits)
-        if not lists:
-            raise ValueError("nothing to search: the store holds no caption vectors (or no text service was given)")
-        hits = _merge(lists, using_image=IMAGE_VECTOR in using or like is not None)[:pool]
-    finally:
-        if owned:
-            photo_store.close()
+    image_vector = caption_vector = None
+    scale_bias: tuple[float, float] | None = None
+    with EmbedClient(service, api_key=api_key, timeout=timeout) as images:  # the query first: the store waits
+        if like is not None:
+            path = Path(like).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"{like}: no such photo")
+        elif IMAGE_VECTOR in using:
+            image_vector = images.get_embedding(query)  # type: ignore[arg-type]
+            health = images.health()
+            if "scale" in health and "bias" in health:
+                scale_bias = float(health["scale"]), float(health["bias"])
+        owned = not isinstance(store, PhotoStore)
+        photo_store = (
+            PhotoStore(store, collection, create=False, role="search", wait=wait, notify=notify) if owned else store
+        )  # type: ignore[arg-type]
+        try:
+            if like is not None:
+                image_vector = _photo_vector(photo_store, images, path)
+            captioned = CAPTION_VECTOR in photo_store.vector_sizes() and photo_store.count(with_caption=True) > 0
+            if query is not None and text_service and captioned and CAPTION_VECTOR in using:
+                caption_vector = _caption_vector(text_service, query, caption_instruction, api_key)
+            if image_vector is None and caption_vector is None:
+                raise ValueError("nothing to search: the store holds no caption vectors (or no text service was given)")
+            found = photo_store.query(
+                image=image_vector, caption=caption_vector, limit=pool, pool=pool, after=after, before=before
+            )
+            hits = _hits(found, scale_bias)
+            copies = photo_store.copies(sha256 for sha256, _ in hits)
+        finally:
+            if owned:
+                photo_store.close()
+    listed = [replace(hit, copies=tuple(p for p in copies.get(sha256, ()) if p != hit.path)) for sha256, hit in hits]
     if rerank and query is not None:
-        hits = _rerank(hits, query, rerank, api_key, timeout)
-    return [replace(hit, rank=rank) for rank, hit in enumerate(hits[:top], 1)]
+        listed = _rerank(listed, query, rerank, api_key, timeout)
+    return [replace(hit, rank=rank) for rank, hit in enumerate(listed[:top], 1)]
 
 
-def _photo_vector(store: PhotoStore, images: EmbedClient, like: str | os.PathLike) -> list[float]:
-    path = str(Path(like).expanduser().resolve())
-    record = store.get(path)
+def _photo_vector(store: PhotoStore, images: EmbedClient, path: Path) -> list[float]:
+    """A photo's stored vector, or the service's for a photo outside the library."""
+    record = store.get(str(path))
     if record is not None and IMAGE_VECTOR in record.vectors:
         return record.vectors[IMAGE_VECTOR]
     return images.embed_image(path)
 
 
-def _caption_hits(
-    store: PhotoStore, url: str, query: str, instruction: str | None, api_key: str | None, pool: int
-) -> list[StoreHit] | None:
+def _caption_vector(url: str, query: str, instruction: str | None, api_key: str | None) -> list[float] | None:
     try:
         with EmbedClient(url, api_key=api_key) as texts:
-            vector = texts.get_embedding(query, instruction or None)
+            return texts.get_embedding(query, instruction or None)
     except EmbedClientError as exc:  # the photos are still searchable by their pictures
-        warnings.warn(f"captions not searched: the text service at {url} failed: {exc}", stacklevel=3)
+        warnings.warn(f"captions not searched: the text service at {url} failed: {exc}", stacklevel=4)
         return None
-    return store.search(vector, CAPTION_VECTOR, pool)
 
 
-def _merge(lists: list[list[StoreHit]], using_image: bool) -> list[SearchHit]:
-    by_path = {}
-    cosines: list[dict[str, float]] = [{hit.record.path: hit.score for hit in hits} for hits in lists]
-    for hits in lists:
-        for hit in hits:
-            by_path.setdefault(hit.record.path, hit.record)
-    ranked = fuse(lists) if len(lists) > 1 else [(hit.record.path, hit.score) for hit in lists[0]]
-    image_cosines = cosines[0] if using_image else {}
-    caption_cosines = cosines[-1] if len(lists) > 1 or not using_image else {}
-    merged = []
-    for path, score in ranked:
-        record = by_path[path]
-        merged.append(
-            SearchHit(
-                rank=0,
-                score=score,
-                path=path,
-                caption=record.caption,
-                taken_at=record.taken_at,
-                image_score=image_cosines.get(path),
-                caption_score=caption_cosines.get(path),
+def _hits(found: QueryResult, scale_bias: tuple[float, float] | None) -> list[tuple[str, SearchHit]]:
+    """The engine's ranking, one hit per content (a copy's later places dropped), with each list's cosine."""
+    image = {hit.record.path: hit.score for hit in found.image}
+    caption = {hit.record.path: hit.score for hit in found.caption}
+    hits, seen = [], set()
+    for hit in found.fused:
+        record = hit.record
+        if record.sha256 in seen:
+            continue
+        seen.add(record.sha256)
+        cosine = image.get(record.path)
+        match = siglip_match(cosine, *scale_bias) if cosine is not None and scale_bias else None
+        hits.append(
+            (
+                record.sha256,
+                SearchHit(
+                    rank=0,
+                    score=hit.score,
+                    path=record.path,
+                    caption=record.caption,
+                    taken_at=record.taken_at,
+                    match=match,
+                    image_score=cosine,
+                    caption_score=caption.get(record.path),
+                ),
             )
         )
-    return merged
+    return hits
 
 
 def _rerank(hits: list[SearchHit], query: str, url: str, api_key: str | None, timeout: float) -> list[SearchHit]:

@@ -1,5 +1,6 @@
 """The photo pipeline end to end: a generated photo folder indexed through a real SigLIP2 service (tiny
-random weights, `bentoml serve`) into a real Qdrant store (local mode), searched, shown in a real browser.
+random weights, `bentoml serve`) into a real store (Qdrant Edge in a folder), searched, shown in a real
+browser; an indexer searched while it runs and killed with SIGKILL; an index written by the old local mode.
 
 One SigLIP2 server for the module (it also embeds the captions: its /embed/texts is the same API as a
 text service's), one reranker server for the rerank test. The server is killed and restarted in the
@@ -27,8 +28,8 @@ from PIL import Image
 
 from bench.index_corpus import camera_exif, heic, jpeg, photo
 from embed_client import EmbedClient, PhotoStore, index_folder, search
-from embed_client.search import RRF_K
-from embed_client.store import CAPTION_VECTOR, IMAGE_VECTOR, StoreError
+from embed_client.search import siglip_match
+from embed_client.store import CAPTION_VECTOR, IMAGE_VECTOR, StoreError, point_id
 from tests.conftest import REPO, serve
 from tests.pictures import png_claiming
 from tests.system_tools import required_tool
@@ -185,7 +186,7 @@ def test_first_run_indexes_every_photo_and_reports_each_refused_file(library, se
         assert "the service does not take this format" in errors[str(files["iphone"])]
     assert len(report.errors) == len(files) - len(good)
     assert report.found == len(files)
-    assert report.added + report.copied == len(good)
+    assert (report.added, report.copied) == (len(good) - 1, 1)  # the copy of the beach, found in the same run
     # What each point carries, against the file itself.
     beach = stored[str(files["beach"])]
     data = files["beach"].read_bytes()
@@ -214,7 +215,7 @@ def test_search_with_a_photos_own_vector_finds_it_first(library, server):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_caption_query_finds_the_captioned_photo_and_fuses_by_reciprocal_rank(library, server):
+def test_caption_query_finds_the_captioned_photo_and_the_engine_fuses_the_two_lists(library, server):
     files, store = library["files"], library["store"]
     common = dict(store=store, service=server.url, text_service=server.url, caption_instruction=None, top=20)
     by_caption = search(BEACH_CAPTION, using=["caption"], **common)
@@ -222,13 +223,54 @@ def test_caption_query_finds_the_captioned_photo_and_fuses_by_reciprocal_rank(li
     assert by_caption[0].caption_score == pytest.approx(1.0, abs=1e-4)
     by_picture = search(BEACH_CAPTION, using=["image"], **common)
     fused = search(BEACH_CAPTION, **common)
-    # Reciprocal-rank fusion (Cormack et al.): sum over the lists of 1 / (60 + rank).
-    ranks = [{hit.path: hit.rank for hit in hits} for hits in (by_picture, by_caption)]
-    for hit in fused:
-        expected = sum(1 / (RRF_K + rank[hit.path]) for rank in ranks if hit.path in rank)
-        assert hit.score == pytest.approx(expected)
+    # Fused by the engine (its RRF, the formula itself is tested in test_photo_store.py): every photo once,
+    # each with the cosines of the lists it came from, ordered by the fused score.
     assert [hit.score for hit in fused] == sorted((hit.score for hit in fused), reverse=True)
     assert {hit.path for hit in fused} == {hit.path for hit in by_picture}
+    assert {hit.path for hit in fused if hit.caption_score is not None} == {hit.path for hit in by_caption}
+    pictures = {hit.path: hit.image_score for hit in by_picture}
+    assert all(hit.image_score == pytest.approx(pictures[hit.path], abs=1e-5) for hit in fused)
+    beach = next(hit for hit in fused if hit.path == str(files["beach"]))
+    assert fused.index(beach) < 2  # first in the caption list lifts it to the top two
+
+
+def test_exact_copies_are_one_result_that_lists_the_other_paths(library, server):
+    files = library["files"]
+    hits = search(like=files["beach"], store=library["store"], service=server.url, text_service=None, top=20)
+    pair = {str(files["beach"]), str(files["copy"])}
+    shown = [hit for hit in hits if hit.path in pair]
+    assert len(shown) == 1 and set(shown[0].copies) == pair - {shown[0].path}
+    assert shown[0].rank == 1 and shown[0].image_score == pytest.approx(1.0, abs=1e-4)
+    assert len({hit.path for hit in hits}) == len(hits)
+
+
+def test_a_photo_outside_the_library_finds_its_nearest_photos(library, server, tmp_path):
+    outside = tmp_path / "from a friend.jpg"
+    outside.write_bytes(jpeg(photo(2, 1600, 1200)))  # the forest picture's seed, as a JPEG elsewhere
+    hits = search(like=outside, store=library["store"], service=server.url, text_service=None, top=50)
+    with EmbedClient(server.url) as client:
+        query = np.array(client.embed_image(outside))
+    stored = records(library["store"])
+    cosines = {path: float(np.dot(query, record.vectors[IMAGE_VECTOR])) for path, record in stored.items()}
+    assert str(outside) not in {hit.path for hit in hits}
+    for hit in hits:
+        assert hit.image_score == pytest.approx(cosines[hit.path], abs=1e-3) and hit.match is None
+    best = max(cosines, key=cosines.get)
+    assert hits[0].path == best or best in hits[0].copies
+    assert len(hits) + sum(len(hit.copies) for hit in hits) == len(stored)
+
+
+def test_a_capture_date_range_keeps_only_the_photos_taken_then(library, server):
+    files = library["files"]
+    common = dict(store=library["store"], service=server.url, text_service=server.url, caption_instruction=None)
+    january = search("a house by the sea", after="2024-01", before="2024-02", top=50, **common)
+    assert {hit.path for hit in january} == {str(files[f"more{i}"]) for i in range(6)}
+    assert all(hit.taken_at.startswith("2024-01-") for hit in january)
+    summer = search("a house by the sea", after="2024-07-14", top=50, **common)
+    assert [(hit.path, hit.copies) for hit in summer] in (
+        [(str(files["beach"]), (str(files["copy"]),))],
+        [(str(files["copy"]), (str(files["beach"]),))],
+    )
 
 
 def test_rerank_reorders_the_captioned_candidates_in_their_places(library, server, reranker):
@@ -261,9 +303,14 @@ def test_cli_search_json_and_a_results_page_that_renders_in_chromium(library, se
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["rank"] for line in lines] == [1, 2, 3, 4]
-    assert {"rank", "score", "path", "caption"} <= set(lines[0])
+    assert {"rank", "score", "match", "path", "caption", "copies"} <= set(lines[0])
+    health = httpx.get(f"{server.url}/health").json()
+    for line in lines:  # SigLIP's own probability, from the model's scale and bias
+        assert line["match"] == pytest.approx(siglip_match(line["image_score"], health["scale"], health["bias"]))
     html = page.read_text()
     assert html.count("data:image/jpeg;base64,") == 4 and BEACH_CAPTION in html and "<script src" not in html
+    assert "how sure SigLIP2 is that the photo shows your words" in html
+    assert f"match {lines[0]['match']:.0%}" in html
 
     browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
     browser += ["--allow-file-access-from-files", "--virtual-time-budget=5000", "--window-size=1200,900"]
@@ -283,7 +330,11 @@ def test_second_run_skips_everything_then_follows_changes(library, server):
     again = index_folder(folder, **common)
     indexed = len(records(store))
     assert (again.unchanged, again.embedded, again.copied, again.touched, again.removed) == (indexed, 0, 0, 0, 0)
-    assert len(again.errors) == len(library["report"].errors)  # refused files are refused again, and said so
+    # Refused files are listed again, from what the store remembers: not sent (no image request at all).
+    first = {error.path: error.reason for error in library["report"].errors}
+    assert {error.path: error.reason for error in again.errors} == first
+    remembered = {error.path for error in again.errors if error.earlier}
+    assert remembered == {str(files["broken"]), str(files["bomb"])} and again.timings["images"] == 0
 
     files["forest"].unlink()
     os.utime(files["harbour"])  # touched, same content: keeps its vectors, nothing sent
@@ -343,3 +394,128 @@ def test_killed_and_restarted_service_mid_index_loses_and_duplicates_nothing(lib
         assert math.isclose(np.dot(record.vectors[IMAGE_VECTOR], reference.vectors[IMAGE_VECTOR]), 1, abs_tol=1e-4)
     assert len(report.errors) == len(library["report"].errors)
     store.close()
+
+
+def test_the_progress_bar_ends_at_100_percent_with_files_skipped_and_refused(library, server, capsys):
+    report = index_folder(
+        library["folder"], store=library["store"], service=server.url, text_service=None, progress=True
+    )
+    assert report.unchanged > 0 and report.errors  # skipped and refused files both
+    last = capsys.readouterr().err.strip().split("\r")[-1]
+    assert "100%" in last and f"{report.found}/{report.found}" in last and f"errors={len(report.errors)}" in last
+
+
+INDEXER = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from embed_client import index_folder
+
+def on_batch(settled):
+    print(json.dumps({{"batch": settled}}), flush=True)
+    if sys.stdin.readline().strip() == "stop":  # the test decides when the run goes on (and kills it there)
+        sys.stdin.read()
+
+report = index_folder({folder!r}, store={store!r}, service={service!r}, text_service=None, batch_size=2,
+                      concurrency=1, on_batch=on_batch)
+print(json.dumps({{"added": report.added, "copied": report.copied, "handed_over": report.handed_over}}), flush=True)
+"""
+
+
+def big_folder(folder: Path, count: int) -> set[str]:
+    folder.mkdir()
+    for index in range(count):
+        taken = camera_exif(f"2020:03:{index % 28 + 1:02d} 12:00:00")
+        (folder / f"IMG_{index:04d}.jpg").write_bytes(jpeg(photo(200 + index, 640, 480), taken))
+    return {str(folder / f"IMG_{index:04d}.jpg") for index in range(count)}
+
+
+def indexer(folder: Path, store: Path, server) -> subprocess.Popen:
+    code = INDEXER.format(repo=str(REPO), folder=str(folder), store=str(store), service=server.url)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_search_while_a_folder_is_being_indexed_gets_the_photos_stored_so_far(server, tmp_path):
+    paths = big_folder(tmp_path / "Pictures", 16)
+    store = tmp_path / "store"
+    child = indexer(tmp_path / "Pictures", store, server)
+    try:
+        assert json.loads(child.stdout.readline()) == {"batch": 2}  # paused after its first batch
+        waiting, found = threading.Event(), {}
+
+        def person_searches() -> None:
+            found["hits"] = search(
+                like=sorted(paths)[0],
+                store=store,
+                service=server.url,
+                text_service=None,
+                top=50,
+                notify=lambda message: waiting.set(),
+            )
+
+        person = threading.Thread(target=person_searches)
+        person.start()
+        assert waiting.wait(300), "the search never queued"
+        child.stdin.write("go\n" * 8)  # the run goes on; it hands the store over after its next batch
+        child.stdin.flush()
+        person.join()
+        summary = json.loads(child.stdout.readlines()[-1])
+        assert child.wait() == 0
+    finally:
+        child.kill()
+    assert summary == {"added": 16, "copied": 0, "handed_over": 1}
+    during = {hit.path for hit in found["hits"]}
+    assert sorted(paths)[0] in during and 2 <= len(during) < 16  # what was written by then, no more
+    after = search(like=sorted(paths)[0], store=store, service=server.url, text_service=None, top=50)
+    assert {hit.path for hit in after} == paths
+
+
+def test_an_indexer_killed_mid_run_then_run_again_stores_every_photo_exactly_once(server, tmp_path):
+    paths = big_folder(tmp_path / "Pictures", 16)
+    store = tmp_path / "store"
+    child = indexer(tmp_path / "Pictures", store, server)
+    try:
+        assert json.loads(child.stdout.readline()) == {"batch": 2}
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert json.loads(child.stdout.readline()) == {"batch": 2}
+        child.stdin.write("stop\n")  # its main thread waits; the batch already queued goes on meanwhile
+        child.stdin.flush()
+        child.send_signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+    finally:
+        child.kill()
+    with PhotoStore(store, create=False) as opened:
+        stored = {record.path for record in opened.records()}
+    assert 4 <= len(stored) < 16 and stored <= paths
+    again = index_folder(tmp_path / "Pictures", store=store, service=server.url, text_service=None)
+    assert (again.unchanged, again.added, again.errors) == (len(stored), 16 - len(stored), [])
+    with PhotoStore(store, create=False) as opened:
+        assert opened.count() == 16 and {record.path for record in opened.records()} == paths
+
+
+def test_an_index_written_by_the_old_local_mode_is_migrated_not_embedded_again(library, server, tmp_path):
+    from qdrant_client import QdrantClient, models
+
+    old = tmp_path / "qdrant"
+    client = QdrantClient(path=str(old))  # the previous version's store: local mode, the same layout
+    vectors = {
+        IMAGE_VECTOR: models.VectorParams(
+            size=int(httpx.get(f"{server.url}/health").json()["dimension"]), distance=models.Distance.COSINE
+        ),
+    }
+    client.create_collection("photos", vectors_config=vectors)
+    stored = records(library["store"])
+    points = [
+        models.PointStruct(id=point_id(path), vector={IMAGE_VECTOR: r.vectors[IMAGE_VECTOR]}, payload=r.payload())
+        for path, r in stored.items()
+    ]
+    client.upsert("photos", points=points)
+    client.close()
+    command = [sys.executable, "-m", "embed_client", "index", str(library["folder"]), "--store", str(old)]
+    command += ["--service", server.url, "--text-service", "none"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "migrating it to Qdrant Edge" in done.stderr and f"migrated {len(stored)} photos" in done.stderr
+    assert f"0 added, 0 re-embedded, 0 copies, 0 touched, {len(stored)} unchanged" in done.stdout
