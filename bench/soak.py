@@ -175,7 +175,13 @@ def run_phase(url: str, index: int, count: int, clients: int, seed: int, pids: C
                 statuses["cancelled"] += 1
             return
         if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=url, timeout=120, headers={"content-type": "application/json"})
+            # keepalive_expiry under uvicorn's 5 s: never a request on a connection the server is just closing.
+            local.client = httpx.Client(
+                base_url=url,
+                timeout=120,
+                headers={"content-type": "application/json"},
+                limits=httpx.Limits(keepalive_expiry=2),
+            )
             with lock:
                 opened.append(local.client)
         started = time.perf_counter()

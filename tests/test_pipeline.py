@@ -30,7 +30,7 @@ from bench.index_corpus import camera_exif, heic, jpeg, photo
 from embed_client import EmbedClient, PhotoStore, index_folder, search
 from embed_client.search import siglip_match
 from embed_client.store import CAPTION_VECTOR, IMAGE_VECTOR, StoreError, point_id
-from tests.conftest import REPO, serve
+from tests.conftest import HANG_GUARD_SECONDS, REPO, serve
 from tests.pictures import png_claiming
 from tests.system_tools import required_tool
 
@@ -75,7 +75,7 @@ class Server:
         tree = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
         for process in tree:
             process.send_signal(signal.SIGKILL)
-        psutil.wait_procs(tree, timeout=30)
+        psutil.wait_procs(tree, timeout=HANG_GUARD_SECONDS)
         self.process.wait()
         self._serving.close()
 
@@ -299,7 +299,7 @@ def test_cli_search_json_and_a_results_page_that_renders_in_chromium(library, se
     command = [sys.executable, "-m", "embed_client", "search", BEACH_CAPTION, "--store", str(library["store"])]
     command += ["--service", server.url, "--text-service", server.url, "--caption-instruction", ""]
     command += ["--top", "4", "--json", "--html", str(page)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_SECONDS)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert [line["rank"] for line in lines] == [1, 2, 3, 4]
@@ -314,11 +314,15 @@ def test_cli_search_json_and_a_results_page_that_renders_in_chromium(library, se
 
     browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
     browser += ["--allow-file-access-from-files", "--virtual-time-budget=5000", "--window-size=1200,900"]
-    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=HANG_GUARD_SECONDS
+    )
     assert 'data-rendered="4/4"' in dom.stdout, dom.stderr[-2000:]
     assert dom.stdout.count('data-rendered="yes"') == 4
     shot = tmp_path / "results.png"
-    subprocess.run([*browser, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=HANG_GUARD_SECONDS, check=True
+    )
     # The first card's picture area shows a photo (gradients and shapes), not a blank or grey box.
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
     assert pixels[90:280, 40:250].std(axis=(0, 1)).max() > 8
@@ -380,7 +384,7 @@ def test_killed_and_restarted_service_mid_index_loses_and_duplicates_nothing(lib
         text_service=None,
         batch_size=2,
         concurrency=2,
-        max_wait=180,
+        max_wait=HANG_GUARD_SECONDS,
         on_batch=crash_after_first_batch,
     )
     server.ready()  # the restart's own wait for /health may end after the indexer found the service again

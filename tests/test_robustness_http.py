@@ -700,7 +700,9 @@ async def _run_round(url: str, requests: list[tuple[Endpoint, dict[str, Any]]]) 
     for index in range(len(requests)):
         queue.put_nowait(index)
     answers: list[tuple[int, int, Any]] = []
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    # Idle connections are dropped well before uvicorn's 5 s keep-alive closes them: a request sent on a connection
+    # the server is closing at that moment gets a ReadError (seen on a loaded machine), as in tests/conftest.py.
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=url, timeout=HANG_GUARD_SECONDS, limits=limits) as client:
 
         async def worker() -> None:
