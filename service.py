@@ -63,6 +63,7 @@ from embed_http.schemas import (
     require_text,
     require_texts,
 )
+from embed_http.shared_model import SHARED_FORWARD_ROUTE, SharedForwardResponse, SharedModelClient, model_host
 from embed_http.truncation import TokenizedText, TokenizeResponse, TruncationDirection
 from runners.config import int_setting
 from runners.idle import IdleUnloading, hold_runner
@@ -158,6 +159,16 @@ class TextEmbedding(ServiceBase):
         )
         return EmbeddingsResponse(embeddings=vectors, dimension=len(vectors[0]))
 
+    @bentoml.api(route=SHARED_FORWARD_ROUTE)
+    @json_errors
+    async def shared_forward(
+        self, token_ids: list[list[int]], pooling: str, vocabulary_rows: t.Optional[list[int]] = None
+    ) -> SharedForwardResponse:
+        """For a service that runs on this one's model (embed_http/shared_model.py): one forward pass over token
+        ids, pooled; or the logits of the vocabulary rows named."""
+        values, positions = await self.engine.shared_forward(token_ids, pooling, vocabulary_rows)
+        return SharedForwardResponse(values=values, positions=positions)
+
     @bentoml.api(route="/tokenize/texts")
     @json_errors
     async def tokenize_texts(
@@ -182,9 +193,22 @@ class Reranking(ServiceBase):
     engine: Ranker
 
     def __init__(self) -> None:
+        from runners.config import RunnerConfig
+        from runners.loading import locate
         from runners.reranker import Reranker
 
-        self.engine = hold_runner(self.spec, Reranker)
+        url = model_host(self.spec)
+        if url is None:
+            self.engine = hold_runner(self.spec, Reranker)
+        else:  # another service holds the model: this one loads none (embed_http/shared_model.py)
+            config = RunnerConfig.from_env(self.spec)
+            shared = SharedModelClient(self.spec, url, str(locate(config).root), config.quantization)
+            self.engine = Reranker(self.spec, config, shared=shared)
+
+    @classmethod
+    def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
+        model_host(spec)  # refused now if malformed, or set on a service that cannot share
+        return super().check_start_up(spec)
 
     @bentoml.api(route="/rerank")
     @json_errors

@@ -45,6 +45,7 @@ COMPOSE_GPU = {
     "qwen3_8b_rerank": 1,
 }
 MODELS_CLAIM = "embed-models"
+SHARING_MEMORY = "2Gi"  # a service on another's model holds its tokenizer and the runtime, no weights
 # service.py's traffic timeout: the longest a request may run. Every stop allows a request that long to finish.
 REQUEST_TIMEOUT_S = 600
 # Kubernetes: after a pod is marked for deletion it leaves the Service's endpoints at once, but kube-proxy and
@@ -121,7 +122,7 @@ def compose() -> dict[str, Any]:
     services = {}
     for spec in SERVICES.values():
         gpu = COMPOSE_GPU[spec.seed_name]
-        services[spec.seed_name] = {
+        services[spec.seed_name] = service = {
             "image": image(spec),
             "ports": [f"{spec.port}:{CONTAINER_PORT}"],
             "environment": {
@@ -151,6 +152,10 @@ def compose() -> dict[str, Any]:
             },
             "restart": "unless-stopped",
         }
+        if spec.shares_model_with:  # one copy of the weights (embed_http/shared_model.py); set it empty for two
+            host = spec.shares_model_with
+            service["environment"][spec.model_host_env] = f"${{{spec.model_host_env}-http://{host}:{CONTAINER_PORT}}}"
+            service["depends_on"] = [host]
     return {"name": "embed-services", "services": services}
 
 
@@ -161,6 +166,21 @@ def memory_request(spec: ServiceSpec) -> str:
     """Host memory while loading: the full-precision shards pass through RAM, plus the runtime."""
     weights_gib = spec.params_billion * 1e9 * BYTES_PER_PARAM["none"] / 2**30
     return f"{math.ceil(weights_gib) + 4}Gi"
+
+
+def shared_model_env(spec: ServiceSpec) -> list[dict[str, str]]:
+    """A service that runs on another's model reaches it through that one's Kubernetes Service."""
+    if spec.shares_model_with is None:
+        return []
+    host = SERVICES[spec.shares_model_with]
+    return [{"name": spec.model_host_env, "value": f"http://{k8s_name(host)}:{host.port}"}]
+
+
+def resources(spec: ServiceSpec) -> dict[str, Any]:
+    """A GPU and the memory to load the model; a service that runs on another's model needs neither."""
+    if spec.shares_model_with is not None:
+        return {"requests": {"cpu": "1", "memory": SHARING_MEMORY}}
+    return {"requests": {"cpu": "2", "memory": memory_request(spec)}, "limits": {"nvidia.com/gpu": 1}}
 
 
 def k8s_manifests(spec: ServiceSpec) -> list[dict[str, Any]]:
@@ -200,11 +220,9 @@ def k8s_manifests(spec: ServiceSpec) -> list[dict[str, Any]]:
                             "env": [
                                 {"name": spec.model_env, "value": model_path(spec)},
                                 {"name": spec.quantization_env, "value": spec.default_quantization},
+                                *shared_model_env(spec),
                             ],
-                            "resources": {
-                                "requests": {"cpu": "2", "memory": memory_request(spec)},
-                                "limits": {"nvidia.com/gpu": 1},
-                            },
+                            "resources": resources(spec),
                             "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}],
                             # Loading a model takes minutes: the startup probe allows 15 of them
                             # before liveness takes over.

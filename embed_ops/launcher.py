@@ -53,6 +53,7 @@ from .profiles import (
     profile_for,
     service_port,
 )
+from .sharing import shared_model_env
 
 LOG_TAIL_LINES = 25
 _ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b[^:]*: ")
@@ -277,6 +278,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         say(f"profile {profile.name}: {profile.description}")
     for key, value in env.items():
         print(f"env\t{key}\t{value}")
+
+    try:
+        ports = {name: service_port(spec_for(name)) for name in names}
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    shared = shared_model_env(names, ports, os.environ)
+    for name in names:
+        spec = spec_for(name)
+        if spec.model_host_env in shared:
+            say(f"{name} runs on {spec.shares_model_with}'s copy of the model: its weights are loaded once")
+            print(f"env\t{spec.model_host_env}\t{shared[spec.model_host_env]}")
+    os.environ.update(shared)
 
     estimates = estimate_weights(names)
     totals = per_gpu(estimates)

@@ -131,6 +131,8 @@ def estimate_weights(seed_names: list[str]) -> list[WeightEstimate]:
         quantization = (setting(spec, "QUANTIZATION", spec.default_quantization) or "none").lower()
         device = (setting(spec, "DEVICE", "auto") or "auto").lower()
         gigabytes = spec.params_billion * BYTES_PER_PARAM.get(quantization, BYTES_PER_PARAM["none"])
+        if os.environ.get(spec.model_host_env, "").strip():
+            gigabytes = 0.0  # it runs on another service's copy (embed_ops/sharing.py)
         estimates.append(WeightEstimate(seed_name, quantization, _gpu_index(device), gigabytes))
     return estimates
 

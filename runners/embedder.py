@@ -10,6 +10,7 @@ import asyncio
 import copy
 import logging
 import threading
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -17,8 +18,8 @@ import torch
 from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher, text_cost
 from .config import RunnerConfig
 from .errors import InputError, ModelLoadError
+from .forward import LocalForward
 from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
-from .packed import packed_forward_for, pooled_final_hidden
 from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
 from .prompts import Prompt, make_prompt
 from .table import ServiceSpec
@@ -49,7 +50,7 @@ class TextEmbedder:
         own = read_sentence_transformers_config(parts.files.model_dir)  # refused before the weights load
         default_instruction(spec, own, str(parts.files.root))
         model = parts.load_model(config)
-        self._setup(spec, config, model, parts.tokenizer, str(parts.files.root), own)
+        self._setup(spec, config, model, parts.tokenizer, str(parts.files.root), own, parts.files.model_dir)
 
     @classmethod
     def from_model(
@@ -62,7 +63,7 @@ class TextEmbedder:
     ) -> TextEmbedder:
         """Wrap a model already in memory (benchmarks build random-weight models of the real shapes)."""
         embedder = cls.__new__(cls)
-        embedder._setup(spec, config, model, tokenizer, "in-memory", own or SentenceTransformersConfig())
+        embedder._setup(spec, config, model, tokenizer, "in-memory", own or SentenceTransformersConfig(), None)
         return embedder
 
     def _setup(
@@ -73,6 +74,7 @@ class TextEmbedder:
         tokenizer: Any,
         model_name: str,
         own: SentenceTransformersConfig,
+        model_dir: Path | None,
     ) -> None:
         self.spec, self.config, self.model, self.tokenizer, self.model_name = spec, config, model, tokenizer, model_name
         self.device = next(model.parameters()).device
@@ -84,14 +86,15 @@ class TextEmbedder:
         # Its named prompts too, read once: what TEI's `prompt_name` picks (embed_http/tei.py).
         self.named_prompts: dict[str, str] = {k: v for k, v in own.prompts.items() if isinstance(v, str)}
         self.dimension = int(model.config.hidden_size)
-        self.max_length = token_limit(config.max_length, own.max_seq_length or spec.default_max_length, model)
+        self.max_length = token_limit(config.max_length, own.max_seq_length or spec.default_max_length, model.config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.end_id, self.tokenizer_appends_end = self._end_token()
         # Per-request truncation and /tokenize use a copy of the tokenizer, one call at a time: a call sets the
         # tokenizer's truncation state, which must not change under the batcher's thread.
         self._exact_tokenizer, self._exact_lock = copy.deepcopy(tokenizer), threading.Lock()
-        # Architectures with a padding-free forward (packed sequences) run it; others run padded.
-        self.packed = packed_forward_for(model, config, self.device)
+        # The forward pass (runners/forward.py), which another service of the same checkpoint may share.
+        self.forward = LocalForward(model, config, self.device, self.pad_id, model_dir)
+        self.packed = self.forward.packed
         self.batcher: Batcher[str | list[int], tuple[torch.Tensor, int]] = runner_batcher(
             self._embed_batch, spec, config, cost=text_cost(self.max_length)
         )
@@ -119,6 +122,7 @@ class TextEmbedder:
             "compiled": self.packed is not None and self.packed.compiled,
             "batches": self.batcher.stats.batches,
             "texts_embedded": self.batcher.stats.items,
+            **self.forward.describe(),
         }
 
     def dimensions_range(self) -> list[int]:
@@ -256,11 +260,19 @@ class TextEmbedder:
             encoded = [ids + [self.end_id] for ids in encoded]
         return encoded
 
-    @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
-        pooled, positions = pooled_final_hidden(self.model, self.packed, self.pooling, batch, self.pad_id, self.device)
+        pooled, positions = self.forward.run(batch, self.pooling.name)
         self.batcher.forward_done("text", len(batch), sum(len(ids) for ids in batch), positions)
-        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    async def shared_forward(
+        self, token_ids: list[list[int]], pooling: str, vocabulary_rows: list[int] | None = None
+    ) -> tuple[list[list[float]], int]:
+        """A pass for another service that shares this model (runners/forward.py), checked first: its vectors or
+        vocabulary logits, and the positions computed. Runs beside this service's own queue, one pass at a time."""
+        self.forward.check_request(token_ids, pooling, vocabulary_rows)
+        values, positions = await asyncio.to_thread(self.forward.run, token_ids, pooling, vocabulary_rows)
+        return values.tolist(), positions
 
     # -- start-up decisions ------------------------------------------------------------------------
 

@@ -333,11 +333,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
 MAX_CHARS_PER_TOKEN = 32
 
 
-def token_limit(configured: int | None, preferred: int, model: Any) -> int:
+def token_limit(configured: int | None, preferred: int, model_config: Any) -> int:
     """The longest sequence to feed the model: `<NAME>_MAX_LENGTH` if set, else the preferred limit, and never
     more than the model's position embeddings (a longer input would crash the forward, not be truncated)."""
     wanted = configured if configured is not None else preferred
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(model_config, "max_position_embeddings", None)
     return min(wanted, int(positions)) if positions else wanted
 
 

@@ -8,14 +8,13 @@ two-way softmax of those two logits at the last position = sigmoid(yes - no).
 Only two rows of the LM head matter, at one position. So the runner loads the base model alone
 (no head), takes the last real token's hidden state, and dots it with the two rows: no
 full-vocabulary logits are ever computed. The rows come from the checkpoint's own LM head, or,
-for models that tie their word embeddings (Qwen3-4B), from the input embedding matrix.
+for models that tie their word embeddings (Qwen3-4B), from the input embedding matrix (runners/forward.py).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,9 +22,8 @@ import torch
 from .batching import CHARS_PER_TOKEN_GUESS, Batcher, plan_micro_batches, run_in_order, runner_batcher
 from .config import RunnerConfig
 from .errors import ModelLoadError
-from .loading import MAX_CHARS_PER_TOKEN, ModelFiles, prepare_model, read_json, token_limit
-from .packed import packed_forward_for, pooled_final_hidden
-from .pooling import LastTokenPooling
+from .forward import LocalForward, ModelForward
+from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
 from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -37,7 +35,6 @@ PROMPT_PREFIX = (
 )
 PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 YES, NO = "yes", "no"
-LM_HEAD_WEIGHT = "lm_head.weight"  # the name of the output projection in a *ForCausalLM checkpoint
 
 
 def prompt_body(query: str, document: str, instruction: str) -> str:
@@ -59,7 +56,11 @@ class Reranker:
         {"spec", "config", "model_name", "default_instruction", "max_length"}
     )
 
-    def __init__(self, spec: ServiceSpec, config: RunnerConfig | None = None) -> None:
+    def __init__(
+        self, spec: ServiceSpec, config: RunnerConfig | None = None, shared: ModelForward | None = None
+    ) -> None:
+        """Load the model that `<NAME>_MODEL` names; or, given `shared` (another service's copy of the same
+        checkpoint, runners/forward.py), load its tokenizer and configuration alone and run every pass there."""
         self.spec = spec
         self.config = config or RunnerConfig.from_env(spec)
         parts = prepare_model(self.config)
@@ -68,32 +69,47 @@ class Reranker:
         self.device, self.dtype, self.tokenizer = parts.device, parts.dtype, parts.tokenizer
         self.default_instruction = spec.default_instruction or ""
         self.yes_id, self.no_id = (self._single_token(word) for word in (YES, NO))
-        # The base transformer only: a *ForCausalLM checkpoint loads without its head (we read two of its rows below).
-        self.model = parts.load_model(self.config)
-        self.head_source, rows = self._yes_no_rows(files)
-        self.yes_no_rows = rows.to(self.device, torch.float32)  # [2, hidden]: row 0 "yes", row 1 "no"
-        log.info(
-            "%s: base model loaded without its LM head (a load report listing lm_head.weight as UNEXPECTED is "
-            "intended); the 'yes'/'no' rows (ids %d, %d) come from the %s",
-            spec.seed_name,
-            self.yes_id,
-            self.no_id,
-            self.head_source,
-        )
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if shared is None:
+            # The base transformer only: a *ForCausalLM checkpoint loads without its head (two of its rows are
+            # read from the checkpoint by LocalForward.output_rows).
+            model = parts.load_model(self.config)
+            local = LocalForward(model, self.config, self.device, self.pad_id, files.model_dir)
+            self.forward: ModelForward = local
+            self.model, self.packed = model, local.packed
+            try:
+                self.head_source, self.yes_no_rows = local.output_rows([self.yes_id, self.no_id])
+            except ModelLoadError as exc:
+                raise ModelLoadError(
+                    f"{self.config.model_env}={self.model_name!r}: {exc}. Use a causal language model such as "
+                    "Qwen3-Reranker-8B or Qwen3-4B."
+                ) from None
+            model_config = model.config
+            log.info(
+                "%s: base model loaded without its LM head (a load report listing lm_head.weight as UNEXPECTED is "
+                "intended); the 'yes'/'no' rows (ids %d, %d) come from the %s",
+                spec.seed_name,
+                self.yes_id,
+                self.no_id,
+                self.head_source,
+            )
+        else:
+            from transformers import AutoConfig
+
+            self.forward, self.model, self.packed = shared, None, None
+            self.head_source = "the shared model's output projection"
+            model_config = AutoConfig.from_pretrained(str(files.model_dir))
+            log.info("%s: no weights loaded here; every pass runs on %s", spec.seed_name, shared.describe()["weights"])
 
         self.prefix_ids = self._encode(PROMPT_PREFIX)
         self.suffix_ids = self._encode(PROMPT_SUFFIX)
-        self.max_length = token_limit(self.config.max_length, self.spec.default_max_length, self.model)
+        self.max_length = token_limit(self.config.max_length, self.spec.default_max_length, model_config)
         self.body_room = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
         if self.body_room < 1:
             raise ModelLoadError(
                 f"{spec.env_prefix}_MAX_LENGTH={self.max_length} leaves no room for the query and document: the "
                 f"prompt's fixed prefix and suffix alone take {len(self.prefix_ids) + len(self.suffix_ids)} tokens"
             )
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.last_token = LastTokenPooling()
-        # Qwen3 decoders run padding-free (packed sequences), as the embedding services do.
-        self.packed = packed_forward_for(self.model, self.config, self.device)
         self.batcher: Batcher[Pair, float] = runner_batcher(self._score_batch, spec, self.config, cost=self._cost)
 
     # -- what the service asks -------------------------------------------------------------------
@@ -113,6 +129,7 @@ class Reranker:
             "max_batch_tokens": self.config.max_batch_tokens,
             "padding_free": self.packed is not None,
             "compiled": self.packed is not None and self.packed.compiled,
+            **self.forward.describe(),
         }
 
     def resolve_instruction(self, instruction: str | None) -> str:
@@ -161,15 +178,13 @@ class Reranker:
         )["input_ids"]
         return [self.prefix_ids + body + self.suffix_ids for body in bodies]
 
-    @torch.inference_mode()
     def _forward(self, batch: list[list[int]]) -> list[float]:
-        # Padded on the right, then the last real token of each row: for a causal model this equals the model
-        # card's left padding (no real token attends to a pad either way), with simpler position ids.
-        last, positions = pooled_final_hidden(self.model, self.packed, self.last_token, batch, self.pad_id, self.device)
-        last = last.float()  # [batch, hidden]
+        # The last real token of each sequence (padded on the right when padded at all: for a causal model this
+        # equals the model card's left padding), projected onto the "yes" and "no" rows alone: no
+        # full-vocabulary logits are ever computed.
+        yes_no, positions = self.forward.run(batch, "last", [self.yes_id, self.no_id])  # [batch, 2]
         self.batcher.forward_done("pair", len(batch), sum(len(ids) for ids in batch), positions)
-        yes_no = last @ self.yes_no_rows.T  # [batch, 2]: the only two logits the score needs
-        return torch.sigmoid(yes_no[:, 0] - yes_no[:, 1]).cpu().tolist()
+        return torch.sigmoid(yes_no[:, 0] - yes_no[:, 1]).tolist()
 
     # -- start-up decisions ------------------------------------------------------------------------
 
@@ -185,55 +200,5 @@ class Reranker:
             )
         return ids[0]
 
-    def _yes_no_rows(self, files: ModelFiles) -> tuple[str, torch.Tensor]:
-        """The "yes" and "no" rows of the output projection: the checkpoint's LM head, else tied input embeddings."""
-        ids = [self.yes_id, self.no_id]
-        rows = read_checkpoint_rows(files.model_dir, LM_HEAD_WEIGHT, ids)
-        if rows is not None:
-            return "lm_head", rows
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            return "tied input embeddings", self.model.get_input_embeddings().weight[ids].detach()
-        raise ModelLoadError(
-            f"{self.config.model_env}={self.model_name!r}: the model has no LM head ({LM_HEAD_WEIGHT} is not in "
-            f"{files.model_dir}) and does not tie its word embeddings (tie_word_embeddings is false), so the "
-            "logits of 'yes' and 'no' cannot be computed. Use a causal language model such as Qwen3-Reranker-8B "
-            "or Qwen3-4B."
-        )
-
     def close(self) -> None:
         self.batcher.close()
-
-
-def read_checkpoint_rows(model_dir: Path, name: str, rows: list[int]) -> torch.Tensor | None:
-    """Rows of one weight straight from the checkpoint files, without loading the rest; None when absent.
-
-    Reads safetensors lazily (one or many shards); falls back to memory-mapped PyTorch .bin files.
-    """
-    index = read_json(model_dir / "model.safetensors.index.json")
-    if index is not None:
-        shard = index.get("weight_map", {}).get(name)
-        return _safetensors_rows(model_dir / shard, name, rows) if shard else None
-    if (model_dir / "model.safetensors").is_file():
-        return _safetensors_rows(model_dir / "model.safetensors", name, rows)
-    bin_index = read_json(model_dir / "pytorch_model.bin.index.json")
-    if bin_index is not None:
-        shard = bin_index.get("weight_map", {}).get(name)
-        return _bin_rows(model_dir / shard, name, rows) if shard else None
-    if (model_dir / "pytorch_model.bin").is_file():
-        return _bin_rows(model_dir / "pytorch_model.bin", name, rows)
-    return None
-
-
-def _safetensors_rows(path: Path, name: str, rows: list[int]) -> torch.Tensor | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as checkpoint:
-        if name not in set(checkpoint.keys()):  # the file handle has no `in`
-            return None
-        weight = checkpoint.get_slice(name)
-        return torch.cat([weight[row : row + 1] for row in rows])
-
-
-def _bin_rows(path: Path, name: str, rows: list[int]) -> torch.Tensor | None:
-    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    return state[name][rows].clone() if name in state else None

@@ -38,6 +38,9 @@ class ServiceSpec:
     # Smallest Matryoshka dimension the model was trained for; None = `dimensions` not supported.
     matryoshka_min_dim: int | None = None
     default_max_length: int = 512
+    # Another service whose loaded model this one may run on (same checkpoint: one copy of the weights; see
+    # embed_http/shared_model.py). The launcher shares it when both run on the same checkpoint and device.
+    shares_model_with: str | None = None
     title: str = ""
 
     @property
@@ -51,6 +54,11 @@ class ServiceSpec:
     @property
     def quantization_env(self) -> str:
         return f"{self.env_prefix}_QUANTIZATION"
+
+    @property
+    def model_host_env(self) -> str:
+        """The address of the service whose model this one runs on (`shares_model_with`); unset: its own copy."""
+        return f"{self.env_prefix}_MODEL_HOST"
 
 
 RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -109,6 +117,7 @@ SERVICES: dict[str, ServiceSpec] = {
             params_billion=4.0,
             default_instruction=RERANK_INSTRUCTION,
             default_max_length=8192,
+            shares_model_with="qwen3_4b_embed",
             title="Qwen3-4B (Z-Image-Turbo text encoder) LLM-logit reranker",
         ),
         ServiceSpec(

@@ -134,3 +134,12 @@ def reference_texts(model_dir: Path, texts: list[str], lower: bool = True, **tok
     batch = processor(text=texts, padding="max_length", max_length=64, return_tensors="pt", **tokenizer_options)
     with torch.no_grad():
         return F.normalize(as_features(model.get_text_features(**batch)), dim=-1)
+
+
+def check_ranking_against_card(results: list[dict], expected: torch.Tensor, atol: float = 1e-4) -> None:
+    """A `/rerank` answer's results against the card's scores for DOCUMENTS: every document, best first, each
+    score within `atol`, each document echoed."""
+    assert [r["original_index"] for r in results] == sorted(range(len(expected)), key=lambda i: -expected[i].item())
+    for result in results:
+        assert abs(result["score"] - expected[result["original_index"]].item()) < atol
+        assert result["document"] == DOCUMENTS[result["original_index"]]

@@ -95,9 +95,17 @@ def test_each_service_has_a_deployment_and_a_service_that_agree_with_the_table(n
     [port] = container["ports"]
     assert (port["name"], port["containerPort"]) == ("http", CONTAINER_PORT)
     env = {item["name"]: item["value"] for item in container["env"]}
-    assert set(env) == {spec.model_env, spec.quantization_env}
     assert env[spec.quantization_env] == spec.default_quantization
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    if spec.shares_model_with is None:
+        assert set(env) == {spec.model_env, spec.quantization_env}
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    else:  # it runs on the holder's model, reached through the holder's Service: no GPU, no weights of its own
+        holder = SERVICES[spec.shares_model_with]
+        assert set(env) == {spec.model_env, spec.quantization_env, spec.model_host_env}
+        holder_service = objects[("Service", holder.seed_name.replace("_", "-"))]
+        [holder_port] = holder_service["spec"]["ports"]
+        assert env[spec.model_host_env] == f"http://{holder_service['metadata']['name']}:{holder_port['port']}"
+        assert "limits" not in container["resources"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
 
@@ -236,7 +244,12 @@ def test_compose_agrees_with_the_table_and_pins_each_service_to_one_gpu():
         spec = SERVICES[name]
         assert bento_class(service["image"]) == spec.class_name
         assert service["ports"] == [f"{spec.port}:{CONTAINER_PORT}"]
-        assert set(service["environment"]) == {spec.model_env, spec.quantization_env}
+        if spec.shares_model_with is None:
+            assert set(service["environment"]) == {spec.model_env, spec.quantization_env}
+        else:  # on the holder's model, by default (set the variable empty for a copy of its own)
+            host = spec.model_host_env
+            assert service["environment"][host] == f"${{{host}-http://{spec.shares_model_with}:{CONTAINER_PORT}}}"
+            assert service["depends_on"] == [spec.shares_model_with]
         assert (
             service["environment"][spec.quantization_env]
             == f"${{{spec.quantization_env}:-{spec.default_quantization}}}"
@@ -250,7 +263,8 @@ def test_compose_agrees_with_the_table_and_pins_each_service_to_one_gpu():
         default_gpu = gpu.removeprefix(f"${{{spec.env_prefix}_GPU:-").removesuffix("}")
         assert "/health" in " ".join(service["healthcheck"]["test"])
         bytes_per_param = {"none": 2, "int8": 1}[spec.default_quantization]
-        weights_per_gpu[default_gpu] = weights_per_gpu.get(default_gpu, 0) + spec.params_billion * bytes_per_param
+        held = spec.params_billion * bytes_per_param if spec.shares_model_with is None else 0.0
+        weights_per_gpu[default_gpu] = weights_per_gpu.get(default_gpu, 0) + held
     # The default layout is for two 24 GB GPUs, with room left for activations.
     assert sorted(weights_per_gpu) == ["0", "1"]
     assert all(total <= 20 for total in weights_per_gpu.values()), weights_per_gpu

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from runners.config import RunnerConfig
 from runners.errors import ModelLoadError
-from runners.reranker import Reranker, read_checkpoint_rows
+from runners.forward import read_checkpoint_rows
+from runners.reranker import Reranker
 from runners.table import SERVICES
 from tests.references import CARD_PREFIX, CARD_SUFFIX, DOCUMENTS, QUERY, card_format, card_scores
 
