@@ -203,3 +203,31 @@ def test_the_holders_route_needs_the_key_and_the_sharing_service_sends_it(monkey
     assert client._client.headers["Authorization"] == "Bearer s3cret"
     with pytest.raises(Overloaded, match="is not answering"):
         client.run([[1, 2]], "last", [4, 11])
+
+
+def test_a_holder_that_unloaded_when_idle_loads_again_for_a_shared_pass(cpu_env, monkeypatch):
+    """A pass asked by the sharing service is a request like any other: it loads the model again, and is answered
+    as before the unload."""
+    import weakref
+
+    from runners.embedder import TextEmbedder
+    from runners.idle import hold_runner
+
+    monkeypatch.setenv("QWEN3_4B_EMBED_IDLE_UNLOAD_SECONDS", "60")
+    holder = hold_runner(EMBED, TextEmbedder)
+
+    async def main() -> None:
+        ask = lambda: holder.shared_forward([[5, 9, 14], [7, 2]], "last", [4, 11])  # noqa: E731
+        before = await ask()
+        model = weakref.ref(holder.model)
+        holder._clock = lambda: float("inf")
+        assert await holder.unload_if_idle()
+        assert model() is None and holder.describe()["model_state"] == "unloaded"
+        holder._clock = lambda: 0.0
+        assert await ask() == before
+        assert holder.describe()["model_state"] == "loaded" and holder.loads == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.close()
