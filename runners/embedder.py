@@ -17,7 +17,7 @@ import torch
 
 from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher, text_cost
 from .config import RunnerConfig
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, Overloaded
 from .forward import LocalForward
 from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
 from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
@@ -271,7 +271,10 @@ class TextEmbedder:
         """A pass for another service that shares this model (runners/forward.py), checked first: its vectors or
         vocabulary logits, and the positions computed. Runs beside this service's own queue, one pass at a time."""
         self.forward.check_request(token_ids, pooling, vocabulary_rows)
-        values, positions = await asyncio.to_thread(self.forward.run, token_ids, pooling, vocabulary_rows)
+        try:
+            values, positions = await asyncio.to_thread(self.forward.run, token_ids, pooling, vocabulary_rows)
+        except torch.OutOfMemoryError:  # the sharing service cuts its passes to its own budget; this one did not fit
+            raise Overloaded("out of device memory for this pass; send fewer or shorter sequences") from None
         return values.tolist(), positions
 
     # -- start-up decisions ------------------------------------------------------------------------
