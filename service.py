@@ -1,6 +1,6 @@
 """The six BentoML services and how they are assembled.
 
-Each row of runners/table.py becomes one BentoML service class here, built from the base class
+Each row of embed_core/table.py becomes one BentoML service class here, built from the base class
 for its kind, so six services share one pattern:
 
     bentoml serve service:BgeEmbed --port 6012
@@ -30,6 +30,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from embed_core.config import int_setting
+from embed_core.table import SERVICES, ServiceSpec
 from embed_http import clients, protocols, tei
 from embed_http.errors import json_errors
 from embed_http.forms import (
@@ -64,10 +66,8 @@ from embed_http.schemas import (
     require_texts,
 )
 from embed_http.truncation import TokenizedText, TokenizeResponse, TruncationDirection
-from runners.config import int_setting
 from runners.idle import IdleUnloading, hold_runner
 from runners.images import ImageSettings
-from runners.table import SERVICES, ServiceSpec
 
 if t.TYPE_CHECKING:
     from runners.contract import ImageEncoder, Ranker, Runner, TextEncoder
@@ -95,7 +95,7 @@ class ServiceBase:
     @classmethod
     def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
         """What can be checked before a worker loads the model (see check_start_up below)."""
-        from runners.config import RunnerConfig
+        from embed_core.config import RunnerConfig
         from runners.loading import check_model_files
 
         json_body_limit(spec)

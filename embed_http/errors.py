@@ -14,7 +14,7 @@ import typing as t
 
 from starlette.responses import JSONResponse
 
-from runners.errors import InputError, Overloaded
+from embed_core.errors import InputError, Overloaded
 
 # The one table: each kind of failure a service answers, and its status. The runners' InputError names
 # its own kind (bad input, or too many items for one request).

@@ -12,9 +12,9 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from embed_core.errors import InputError
 from embed_http.errors import STATUS, Rejected
 from embed_http.schemas import NonBlankText
-from runners.errors import InputError
 from runners.images import ImageSettings
 
 # In a multipart form an image is a file part; in JSON it is base64 or a data: URI.

@@ -11,6 +11,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from embed_core.config import setting
+from embed_core.table import ServiceSpec
 from embed_http.errors import (
     PROTOCOL_PREFIXES,
     STATUS,
@@ -20,8 +22,6 @@ from embed_http.errors import (
     refused_key,
     tei_error,
 )
-from runners.config import setting
-from runners.table import ServiceSpec
 
 JSON_MEDIA_TYPES = ("", "application/json")
 

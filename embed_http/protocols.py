@@ -26,15 +26,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from embed_core.config import int_setting
+from embed_core.errors import InputError
 from embed_http import token_ids
 from embed_http.errors import STATUS, openai_errors
 from embed_http.schemas import Dimensions, Flag, TopK, require_items, require_positive, require_text
-from runners.config import int_setting
-from runners.errors import InputError
 
 if t.TYPE_CHECKING:
+    from embed_core.table import ServiceSpec
     from runners.contract import Embedder, Ranker
-    from runners.table import ServiceSpec
 
 OPENAI_MAX_INPUTS = 2048  # OpenAI's own limit on /v1/embeddings (LangChain sends 1000 at once by default)
 OWNER = "embed-services"

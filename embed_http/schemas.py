@@ -10,8 +10,8 @@ import typing as t
 
 from pydantic import BaseModel, Field
 
+from embed_core.errors import InputError
 from embed_http.errors import STATUS
-from runners.errors import InputError
 
 # What require_text / require_texts enforce, declared in the OpenAPI document too (schema only: the
 # checks themselves stay in those functions, whose errors name the field at fault).

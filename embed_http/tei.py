@@ -25,10 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from embed_core.errors import InputError
 from embed_http.errors import tei_errors
 from embed_http.protocols import read_json
 from embed_http.schemas import require_text, require_texts
-from runners.errors import InputError
 
 TEI_VERSION = "1.8.0"  # the TEI API these routes follow (its /info reports a version; clients do not check it)
 

@@ -17,9 +17,9 @@ import os
 import threading
 import typing as t
 
-from runners.config import setting
-from runners.errors import InputError
-from runners.table import ServiceSpec
+from embed_core.config import setting
+from embed_core.errors import InputError
+from embed_core.table import ServiceSpec
 
 DEFAULT_ENCODING = "cl100k_base"  # OpenAI's embedding models', and LangChain's for any other model name
 _lock = threading.Lock()

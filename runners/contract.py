@@ -1,14 +1,15 @@
 """What the HTTP layer may call on a runner, per kind: small typed protocols that the services and the
 protocol routes hold their runner as. A new model kind is a runner that satisfies one of these, plus a
-row in runners/table.py."""
+row in embed_core/table.py."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
 if TYPE_CHECKING:  # annotations only: importing this module imports no torch
+    from embed_core.config import RunnerConfig
+
     from .batching import Batcher
-    from .config import RunnerConfig
     from .images import ImageSettings
 
 # What one image may arrive as: the file's bytes, or base64 / a data: URI as text.

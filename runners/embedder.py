@@ -14,14 +14,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from embed_core.config import RunnerConfig
+from embed_core.errors import InputError, ModelLoadError
+from embed_core.table import ServiceSpec
+
 from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher, text_cost
-from .config import RunnerConfig
-from .errors import InputError, ModelLoadError
 from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
 from .packed import packed_forward_for, pooled_final_hidden
 from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
 from .prompts import Prompt, make_prompt
-from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 import pybase64
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
-from .config import int_setting, setting
-from .errors import InputError, ModelLoadError
-from .table import ServiceSpec
+from embed_core.config import int_setting, setting
+from embed_core.errors import InputError, ModelLoadError
+from embed_core.table import ServiceSpec
 
 log = logging.getLogger(__name__)
 

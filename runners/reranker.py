@@ -20,13 +20,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from embed_core.config import RunnerConfig
+from embed_core.errors import ModelLoadError
+from embed_core.table import ServiceSpec
+
 from .batching import CHARS_PER_TOKEN_GUESS, Batcher, plan_micro_batches, run_in_order, runner_batcher
-from .config import RunnerConfig
-from .errors import ModelLoadError
 from .loading import MAX_CHARS_PER_TOKEN, ModelFiles, prepare_model, read_json, token_limit
 from .packed import packed_forward_for, pooled_final_hidden
 from .pooling import LastTokenPooling
-from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from runners.table import SERVICES
+from embed_core.table import SERVICES
 
 REPO = Path(__file__).resolve().parent.parent
 BENTOS = {name: REPO / "bentos" / f"{name}.yaml" for name in SERVICES}

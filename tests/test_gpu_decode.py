@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from runners.errors import InputError, ModelLoadError
+from embed_core.errors import InputError, ModelLoadError
+from embed_core.table import SERVICES
 from runners.gpu_decode import GpuJpegDecoder, _upright, gpu_decode_on
 from runners.images import UPRIGHT, ImageLimits, ImageSettings, open_image
-from runners.table import SERVICES
 from tests.pictures import display_p3, encode, exif_rotated, photo_like, quadrants
 
 LIMITS = ImageLimits(max_bytes=8_000_000, max_pixels=4_000_000)

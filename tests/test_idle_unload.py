@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from embed_core.errors import InputError, Overloaded
+from embed_core.table import SERVICES
 from runners.batching import Batcher
-from runners.errors import InputError, Overloaded
 from runners.idle import IdleUnloading, hold_runner
-from runners.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS, Served
 
 IDLE = 30.0
@@ -407,8 +407,8 @@ def test_a_served_model_unloads_when_idle_gives_memory_back_and_answers_the_same
 
 
 def test_the_settings_are_read_per_service_and_a_malformed_one_is_refused(monkeypatch):
-    from runners.config import RunnerConfig
-    from runners.errors import ModelLoadError
+    from embed_core.config import RunnerConfig
+    from embed_core.errors import ModelLoadError
 
     bge, siglip = SERVICES["bge_embed"], SERVICES["siglip2_embed"]
     assert RunnerConfig.from_env(bge).idle_unload_seconds == 0  # off by default

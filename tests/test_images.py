@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runners.errors import InputError
+from embed_core.errors import InputError
 from runners.images import ImageLimits, bytes_from_base64, open_image
 from tests.pictures import (
     BLUE,

@@ -1,4 +1,4 @@
-"""The tree's own rules: every side table covers every row of runners/table.py, settings are read per service,
+"""The tree's own rules: every side table covers every row of embed_core/table.py, settings are read per service,
 and the tests that start a server carry the `serve` marker."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runners.errors import ModelLoadError
-from runners.table import KINDS, POOLING_NAMES, SERVICES
+from embed_core.errors import ModelLoadError
+from embed_core.table import KINDS, POOLING_NAMES, SERVICES
 
 TESTS = Path(__file__).resolve().parent
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageOps
 
+from embed_core.errors import InputError, ModelLoadError
 from runners import images
-from runners.errors import InputError, ModelLoadError
 from runners.images import ORIENTATION, ImageLimits, accepted_formats, open_image, to_srgb, usable_cpus
 from tests.pictures import (
     ADOBE_CURVE,
@@ -283,10 +283,10 @@ def siglip512(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedder(siglip512):
-    from runners.config import RunnerConfig
+    from embed_core.config import RunnerConfig
+    from embed_core.table import SERVICES
     from runners.images import ImageSettings
     from runners.siglip import SiglipEmbedder
-    from runners.table import SERVICES
 
     spec = SERVICES["siglip2_embed"]
     patch = pytest.MonkeyPatch()

@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runners.table import SERVICES
+from embed_core.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS, Served, serve_tiny
 from tests.pictures import encode, png_claiming, quadrants
 

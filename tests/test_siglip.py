@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from runners.config import RunnerConfig
-from runners.errors import InputError
+from embed_core.config import RunnerConfig
+from embed_core.errors import InputError
+from embed_core.table import SERVICES
 from runners.siglip import ImageSettings, SiglipEmbedder
-from runners.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS
 from tests.pictures import encode, exif_rotated, quadrants, transparent_rgba
 from tests.references import SIGLIP_TEXTS as TEXTS
