@@ -188,7 +188,9 @@ class SiglipEmbedder:
             raise InputError(f"`{param}` must hold at least one image", param=param)
         limit = self.settings.max_images_per_request
         if count > limit:
-            raise InputError(f"`{param}` holds {count} images; at most {limit} per request", status=413, param=param)
+            raise InputError(
+                f"`{param}` holds {count} images; at most {limit} per request", kind="too_large", param=param
+            )
 
     async def embed_images(self, sources: list[ImageSource], names: list[str] | None = None) -> list[list[float]]:
         """L2-normalized image embeddings, in input order. `names` name the inputs in error messages."""

@@ -328,15 +328,19 @@ def test_a_checkpoint_deleted_while_unloaded_is_a_503_naming_it_then_served_once
     asyncio.run(main())
 
 
-def test_the_http_layer_answers_a_load_wait_with_a_503_and_retry_after():
-    from embed_http.errors import json_errors, openai_errors, tei_errors
+def test_the_http_layer_answers_a_load_wait_with_each_protocols_status_and_retry_after():
+    """503 on the seed's, OpenAI's and Cohere's routes; TEI answers an overloaded model with 429."""
+    from embed_http.registry import PROTOCOLS
+    from embed_http.seed import SEED, json_errors
 
     async def loading() -> None:
         raise Overloaded("the model is loading", retry_after=7)
 
-    for wrap in (json_errors, openai_errors, tei_errors):
+    expected = {"seed": 503, "openai": 503, "cohere": 503, "tei": 429}
+    assert {protocol.name for protocol in (SEED, *PROTOCOLS)} == set(expected)
+    for name, wrap in [("seed", json_errors), *((protocol.name, protocol.guarded) for protocol in PROTOCOLS)]:
         response = asyncio.run(wrap(loading)())
-        assert response.status_code == 503 and response.headers["retry-after"] == "7"
+        assert response.status_code == expected[name] and response.headers["retry-after"] == "7", name
         assert "loading" in json.dumps(json.loads(response.body))
 
 
