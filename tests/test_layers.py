@@ -109,6 +109,46 @@ def test_each_protocol_is_one_adapter_and_the_http_layer_alone_knows_statuses():
             assert "status=" not in source and "starlette" not in source, path
 
 
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and not node.level
+    }
+    return {name.split(".")[0] for name in names}
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("embed_core", {"runners", "embed_http", "embed_ops", "embed_client", "torch", "bentoml", "starlette"}),
+        ("runners", {"embed_http", "embed_ops", "starlette", "bentoml"}),
+        ("embed_ops", {"runners", "embed_http"}),
+    ],
+)
+def test_the_layers_import_downwards_only(folder, forbidden):
+    """embed_core is neutral (everyone imports it, it imports none of them); runners/ knows nothing of HTTP; the
+    operator tools read the table and settings without the model code (no more runners.loading._HUB_IGNORE)."""
+    for path in sorted((REPO / folder).glob("*.py")):
+        assert not imported_packages(path) & forbidden, path
+
+
+def test_numbers_from_the_environment_are_read_by_one_helper():
+    from embed_core.config import SettingError, env_number
+
+    assert env_number(None, "X", 7, parse=int) == 7 and env_number(" ", "X", 7, parse=int) == 7
+    assert env_number("2.5", "X", 1.0, parse=float, above=0.0) == 2.5
+    for raw, bounds, message in [
+        ("lots", {}, "X must be an integer, got 'lots'"),
+        ("0", {"minimum": 1}, "X must be >= 1, got 0"),
+        ("1.5", {}, "X must be an integer"),
+    ]:
+        with pytest.raises(SettingError, match=message):
+            env_number(raw, "X", 1, parse=int, **bounds)
+    with pytest.raises(SettingError, match="X must be a number > 0"):
+        env_number("0", "X", 1.0, parse=float, above=0.0)
+
+
 # -- the `serve` marker -------------------------------------------------------------------------------
 
 # What starts a real server: the conftest helpers, or `bentoml serve` run directly.
