@@ -4,7 +4,6 @@ optional API key, and the error renderer that answers each route in its protocol
 from __future__ import annotations
 
 import hmac
-import json
 import typing as t
 
 from starlette.datastructures import Headers
@@ -12,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embed_core.config import setting
 from embed_core.table import ServiceSpec
-from embed_http.errors import KEY_REFUSED, STATUS, error_message
+from embed_http.errors import KEY_REFUSED, STATUS, error_message, json_object
 from embed_http.registry import Routing
 from embed_http.seed import SEED
 
@@ -105,7 +104,7 @@ class ProtocolErrors:
         path = scope["path"]
         if self.routing.is_shared(path) and scope["method"] == "POST":
             body, receive = await peek_body(receive, self.max_bytes)
-            protocol = self.routing.protocol_of(path, None if body is None else json_value(body))
+            protocol = self.routing.protocol_of(path, None if body is None else json_object(body))
         else:
             protocol = self.routing.protocol_of(path)
         scope[PROTOCOL] = protocol.name
@@ -162,13 +161,6 @@ async def peek_body(receive: Receive, max_bytes: int) -> tuple[bytes | None, Rec
         return messages.pop(0) if messages else await receive()
 
     return body, replay
-
-
-def json_value(body: bytes) -> t.Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
 
 
 class SharedPaths:

@@ -177,10 +177,9 @@ class TextEmbedder:
                 tokenized = [item["ids"] for item in encoded]
             for (index, _), item in zip(texts, tokenized, strict=True):
                 items[index] = item
-        vocabulary = len(self.tokenizer)
         for index, item in enumerate(inputs):
             if isinstance(item, list):
-                checked = check_token_ids(item, vocabulary, names[index])
+                checked = check_token_ids(item, len(self.tokenizer), names[index])
                 items[index] = self._fit(checked, names[index], truncate, truncation_direction)
         results = await self.batcher.submit(items)
         stacked = torch.stack([vector for vector, _ in results])
