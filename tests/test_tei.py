@@ -262,3 +262,86 @@ def test_llamaindex_tei_rerank_at_its_defaults(reranker):
     ranked = TextEmbeddingInference(base_url=reranker.url).postprocess_nodes(nodes, QueryBundle(QUERY))
     assert [node.score for node in ranked] == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
     assert ranked[0].node.get_content() == texts[int(np.argmax(expected))]
+
+
+def test_teis_rerank_scores_are_the_model_cards(reranker, qwen3_reranker_dir):
+    """Against the Qwen3-Reranker model card's recipe, computed independently (tests/references.py): the score is
+    P("yes"), and raw_scores its logit, log P(yes) - log P(no)."""
+    from tests.references import DOCUMENTS as CARD_DOCUMENTS
+    from tests.references import QUERY as CARD_QUERY
+    from tests.references import card_scores
+
+    expected = card_scores(qwen3_reranker_dir, qwen3_reranker_dir, CARD_QUERY, CARD_DOCUMENTS).tolist()
+    ranks = tei_call(reranker, "/rerank", {"query": CARD_QUERY, "texts": CARD_DOCUMENTS})
+    assert [rank["score"] for rank in ranks] == pytest.approx([expected[rank["index"]] for rank in ranks], abs=1e-4)
+    raw = tei_call(reranker, "/rerank", {"query": CARD_QUERY, "texts": CARD_DOCUMENTS, "raw_scores": True})
+    logits = [math.log(p / (1 - p)) for p in expected]
+    assert [rank["score"] for rank in raw] == pytest.approx([logits[rank["index"]] for rank in raw], abs=1e-3)
+
+
+# -- every protocol's error shape on one service, behind an API key ------------------------------------------
+
+KEY = "a-key-for-the-shape-tests"
+ITEMS = 4
+
+
+@pytest.fixture(scope="module")
+def keyed_reranker(request, tmp_path_factory):
+    yield from serve_tiny(
+        request, "qwen3_4b_rerank", tmp_path_factory, EMBED_API_KEY=KEY, EMBED_MAX_ITEMS_PER_REQUEST=str(ITEMS)
+    )
+
+
+def seed_shaped(body: Any) -> bool:
+    return isinstance(body, dict) and isinstance(body.get("error"), str) and "error_type" not in body
+
+
+def openai_shaped(body: Any) -> bool:
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error)
+
+
+def tei_shaped(body: Any) -> bool:
+    try:
+        tei_schema("ErrorResponse").validate(body)
+    except Exception:
+        return False
+    return set(body) == {"error", "error_type"}
+
+
+SHAPES = {"seed": seed_shaped, "openai": openai_shaped, "tei": tei_shaped}
+# route, its protocol, a good body, the name of its list of inputs, an item of that list
+ROUTES: list[tuple[str, str, dict[str, Any], str, Any]] = [
+    ("/rerank", "seed", {"query": QUERY, "documents": ["a cat"]}, "documents", "a cat"),
+    ("/v1/rerank", "openai", {"query": QUERY, "documents": ["a cat"]}, "documents", "a cat"),
+    ("/v2/rerank", "openai", {"query": QUERY, "documents": ["a cat"]}, "documents", "a cat"),
+    ("/rerank", "tei", {"query": QUERY, "texts": ["a cat"]}, "texts", "a cat"),
+    ("/tokenize", "tei", {"inputs": ["a cat"]}, "inputs", "a cat"),
+    ("/decode", "tei", {"ids": [[1, 2]]}, "ids", [1, 2]),
+]
+
+
+def test_every_route_answers_bad_input_and_a_refused_key_in_its_own_protocols_shape(keyed_reranker):
+    """Wrong types, empty inputs, too many inputs and a missing key, on every protocol of one service: each in the
+    shape of the route's protocol (never a 5xx, never another protocol's); the good request then succeeds."""
+    authorized = {"Authorization": f"Bearer {KEY}"}
+    failures = []
+    for path, protocol, good, field, item in ROUTES:
+        cases = [
+            ("no key", good, {}, 401),
+            ("wrong key", good, {"Authorization": "Bearer wrong"}, 401),
+            ("wrong type", {**good, field: 42}, authorized, 400),
+            ("empty inputs", {**good, field: []}, authorized, 400),
+            ("too many inputs", {**good, field: [item] * (ITEMS + 1)}, authorized, 413),
+        ]
+        for what, body, headers, status in cases:
+            response = keyed_reranker.post(path, json=body, headers=headers)
+            if response.status_code != status or not SHAPES[protocol](response.json()):
+                failures.append(f"{path} ({protocol}) {what}: {response.status_code} {response.text[:200]}")
+        assert keyed_reranker.post(path, json=good, headers=authorized).status_code == 200, path
+    for path, protocol in (("/info", "tei"), ("/v1/models", "openai")):  # GET routes: the key alone
+        response = keyed_reranker.get(path)
+        if response.status_code != 401 or not SHAPES[protocol](response.json()):
+            failures.append(f"GET {path} ({protocol}) no key: {response.status_code} {response.text[:200]}")
+    assert_tei_error(keyed_reranker.post("/embed", json={"inputs": "a"}, headers=authorized), 424, "Backend")
+    assert not failures, "\n".join(failures)
