@@ -86,6 +86,12 @@ class ServiceBase:
         (its memory being returned), unloaded or loading (runners/idle.py)."""
         return {"status": "ok", "service": self.spec.seed_name, "model_state": "loaded", **self.engine.describe()}
 
+    def build_routes(self) -> None:
+        """GET /health and the routes of the protocols this kind speaks, each handler given this service (its runner
+        and settings): called once the runner exists (finish_start_up)."""
+        routes = [route for protocol in self.protocols for route in protocol.routes(self)]
+        self.protocol_app.router.routes[:] = [health_route(self), *routes]
+
     @bentoml.on_startup
     def start_idle_timer(self) -> None:
         """In the worker's event loop, once the service is built: the idle check of a model that unloads when idle."""
@@ -240,6 +246,10 @@ class ImageEmbedding(ServiceBase):
     def request_limits(self) -> dict[str, int]:
         return image_request_limits(self.engine.settings)
 
+    def build_routes(self) -> None:
+        super().build_routes()
+        FormOrJSON.limits = self.request_limits()  # the image APIs' form limits, from this service's settings
+
     async def _read(self, values: list[t.Any], names: list[str]) -> list[bytes | str]:
         max_bytes = self.engine.settings.limits.max_bytes
         return [await read_image_field(value, name, max_bytes) for value, name in zip(values, names, strict=True)]
@@ -323,10 +333,7 @@ def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None
 
         log_client_errors_as_warnings()  # BentoML's validation 400s: one WARNING line, not an ERROR traceback
 
-        routes = [route for protocol in self.protocols for route in protocol.routes(self)]
-        self.protocol_app.router.routes[:] = [health_route(self), *routes]
-        if isinstance(self, ImageEmbedding):
-            FormOrJSON.limits = self.request_limits()
+        self.build_routes()
 
         self.engine.batcher.observer = PrometheusBatchMetrics(self.spec.seed_name)
         gc.collect()  # what start-up left as garbage goes now, not into the frozen generation
