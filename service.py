@@ -1,6 +1,6 @@
 """The six BentoML services and how they are assembled.
 
-Each row of runners/table.py becomes one BentoML service class here, built from the base class
+Each row of embed_core/table.py becomes one BentoML service class here, built from the base class
 for its kind, so six services share one pattern:
 
     bentoml serve service:BgeEmbed --port 6012
@@ -18,20 +18,17 @@ import os
 import sys
 import typing as t
 
-# Before torch is imported (OpenMP reads these once): the model's OpenMP threads sleep when idle instead of
-# spinning, as spinning threads starve this process's event loop on the same cores; a short spin still bridges
-# the gaps inside one forward pass (BENCHMARKS.md, CPU serving). Either can be overridden from the environment.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from embed_http import clients, protocols, tei
-from embed_http.errors import json_errors
+from embed_core.config import int_setting
+from embed_core.table import SERVICES, ServiceSpec
+from embed_http import clients
+from embed_http.adapter import Adapter
+from embed_http.cohere import COHERE
 from embed_http.forms import (
     FORM_TYPES,
     FormOrJSON,
@@ -42,8 +39,10 @@ from embed_http.forms import (
     image_request_limits,
     read_image_field,
 )
-from embed_http.middleware import JSON_MEDIA_TYPES, ApiKeyAuth, ProtocolErrors, RequestBodies
+from embed_http.middleware import JSON_MEDIA_TYPES, ApiKeyAuth, ProtocolErrors, RequestBodies, SharedPaths
+from embed_http.openai import OPENAI, openai_max_inputs
 from embed_http.openapi import DocumentedService, record_spans_only_when_exported
+from embed_http.registry import Routing
 from embed_http.schemas import (
     Dimensions,
     Documents,
@@ -63,12 +62,12 @@ from embed_http.schemas import (
     require_text,
     require_texts,
 )
+from embed_http.seed import json_errors
 from embed_http.shared_model import SHARED_FORWARD_ROUTE, SharedForwardResponse, SharedModelClient, model_host
+from embed_http.tei import TEI_PROTOCOL
 from embed_http.truncation import TokenizedText, TokenizeResponse, TruncationDirection
-from runners.config import int_setting
 from runners.idle import IdleUnloading, hold_runner
 from runners.images import ImageSettings
-from runners.table import SERVICES, ServiceSpec
 
 if t.TYPE_CHECKING:
     from runners.contract import ImageEncoder, Ranker, Runner, TextEncoder
@@ -79,13 +78,20 @@ class ServiceBase:
     """What every service has: its table row, its runner (`engine`, typed by runners/contract.py) and GET /health."""
 
     spec: t.ClassVar[ServiceSpec]
-    protocol_routes: t.ClassVar[list[Route]]  # the OpenAI / Cohere-compatible routes of this kind
+    protocols: t.ClassVar[tuple[Adapter, ...]]  # the wire protocols this kind speaks besides the seed's
+    protocol_app: t.ClassVar[Starlette]  # where their routes (and GET /health) are mounted, built at start
     engine: Runner
 
     def health(self) -> dict[str, t.Any]:
         """Answers whatever the model's state: with IDLE_UNLOAD_SECONDS set, `model_state` says loaded, unloading
         (its memory being returned), unloaded or loading (runners/idle.py)."""
         return {"status": "ok", "service": self.spec.seed_name, "model_state": "loaded", **self.engine.describe()}
+
+    def build_routes(self) -> None:
+        """GET /health and the routes of the protocols this kind speaks, each handler given this service (its runner
+        and settings): called once the runner exists (finish_start_up)."""
+        routes = [route for protocol in self.protocols for route in protocol.routes(self)]
+        self.protocol_app.router.routes[:] = [health_route(self), *routes]
 
     @bentoml.on_startup
     def start_idle_timer(self) -> None:
@@ -96,17 +102,18 @@ class ServiceBase:
     @classmethod
     def check_start_up(cls, spec: ServiceSpec) -> ModelFiles:
         """What can be checked before a worker loads the model (see check_start_up below)."""
-        from runners.config import RunnerConfig
+        from embed_core.config import RunnerConfig
         from runners.loading import check_model_files
 
         json_body_limit(spec)
-        protocols.openai_max_inputs(spec)
+        openai_max_inputs(spec)
+        clients.read_timeout()  # a bad EMBED_READ_TIMEOUT stops the server here, before any worker
         return check_model_files(RunnerConfig.from_env(spec))
 
 
 class TextEmbedding(ServiceBase):
-    # OpenAI's routes, and TEI's API (embed_http/tei.py; its POST /embed is apart from the seed's /embed/text).
-    protocol_routes = [*protocols.EMBEDDING_ROUTES, *tei.TEI_ROUTES]
+    # OpenAI's /v1/embeddings, and TEI's API (its POST /embed is apart from the seed's /embed/text).
+    protocols = (OPENAI, TEI_PROTOCOL)
     engine: TextEncoder
 
     def __init__(self) -> None:
@@ -189,11 +196,13 @@ class TextEmbedding(ServiceBase):
 
 
 class Reranking(ServiceBase):
-    protocol_routes = protocols.RERANK_ROUTES
+    # Cohere's and Jina's /v1/rerank and /v2/rerank, OpenAI's /v1/models, and TEI's API (its /rerank shares the
+    # seed's path, told apart by the body).
+    protocols = (OPENAI, COHERE, TEI_PROTOCOL)
     engine: Ranker
 
     def __init__(self) -> None:
-        from runners.config import RunnerConfig
+        from embed_core.config import RunnerConfig
         from runners.loading import locate
         from runners.reranker import Reranker
 
@@ -245,7 +254,7 @@ class Reranking(ServiceBase):
 class ImageEmbedding(ServiceBase):
     """Images and texts into one vector space (SigLIP2), plus SigLIP's own match score."""
 
-    protocol_routes = protocols.EMBEDDING_ROUTES  # the text tower
+    protocols = (OPENAI,)  # /v1/embeddings: the text tower
     engine: ImageEncoder
 
     def __init__(self) -> None:
@@ -260,6 +269,10 @@ class ImageEmbedding(ServiceBase):
 
     def request_limits(self) -> dict[str, int]:
         return image_request_limits(self.engine.settings)
+
+    def build_routes(self) -> None:
+        super().build_routes()
+        FormOrJSON.limits = self.request_limits()  # the image APIs' form limits, from this service's settings
 
     async def _read(self, values: list[t.Any], names: list[str]) -> list[bytes | str]:
         max_bytes = self.engine.settings.limits.max_bytes
@@ -317,13 +330,18 @@ KIND_BASES: dict[str, type[ServiceBase]] = {
 }
 
 
-async def _health(request: Request) -> JSONResponse:
-    return JSONResponse(bentoml.get_current_service().health())
+def health_route(service: ServiceBase) -> Route:
+    async def answer(request: Request) -> JSONResponse:
+        return JSONResponse(service.health())
+
+    return Route("/health", answer, methods=["GET"])
 
 
 def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None]:
     """After the kind's __init__ has built the runner:
 
+    - the routes of the protocols it speaks, and GET /health, are built with the service in hand (each handler
+      is given the runner it calls), and the image APIs are given their form limits;
     - its queue reports to the project's Prometheus metrics (created here, in the worker, once BentoML
       has set up multiprocess metrics);
     - everything alive now (the model, torch, transformers, BentoML) is moved out of the garbage
@@ -339,6 +357,8 @@ def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None
 
         log_client_errors_as_warnings()  # BentoML's validation 400s: one WARNING line, not an ERROR traceback
 
+        self.build_routes()
+
         self.engine.batcher.observer = PrometheusBatchMetrics(self.spec.seed_name)
         gc.collect()  # what start-up left as garbage goes now, not into the frozen generation
         gc.freeze()
@@ -346,15 +366,26 @@ def finish_start_up(init: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None
     return __init__
 
 
+class EmbedService(DocumentedService):
+    """A BentoML service of this project: its worker is set up by start_serving() before it serves."""
+
+    def to_asgi(self, is_main: bool = True) -> t.Any:
+        start_serving()  # in the worker, just before BentoML builds the app and starts uvicorn
+        return super().to_asgi(is_main)
+
+
 def build_service(spec: ServiceSpec) -> t.Any:
     """One BentoML service for one table row: GPU declared, one worker (one copy of the model per GPU)."""
     base = KIND_BASES[spec.kind]
+    routing = Routing(spec.kind, base.protocols)
+    protocol_app = Starlette(routes=[])  # its routes come once the service exists (finish_start_up)
 
     def check_model_files() -> None:
         check_start_up(spec)
 
     namespace = {
         "spec": spec,
+        "protocol_app": protocol_app,
         "__module__": __name__,
         "__doc__": spec.title,
         "__init__": finish_start_up(base.__init__),
@@ -362,33 +393,34 @@ def build_service(spec: ServiceSpec) -> t.Any:
     }
     inner = type(spec.class_name, (base,), namespace)
     svc = bentoml.service(
-        service_class=DocumentedService,
+        service_class=type(f"{spec.class_name}Service", (EmbedService,), {"routing": routing}),
         name=spec.seed_name,
         description=spec.title,
         resources={"gpu": 1},
         workers=1,
         traffic={"timeout": 600},
     )(inner)
-    # BentoML's own routes are POST-only; a small mounted app answers GET /health.
-    svc.mount_asgi_app(Starlette(routes=[Route("/health", _health, methods=["GET"])]), path="/", name="health")
     # A misspelt field (`dimension`, Cohere's `top_n` on /rerank) must not be dropped silently: refuse
     # unknown fields. (The image inputs are FormOrJSON models, which refuse them themselves.)
     for api in svc.apis.values():
         if not issubclass(api.input_spec, FormOrJSON):
             api.input_spec.model_config["extra"] = "forbid"
             api.input_spec.model_rebuild(force=True)
-    # The OpenAI / Cohere-compatible routes (embed_http/protocols.py) for this kind.
-    svc.mount_asgi_app(Starlette(routes=base.protocol_routes), path="/", name="protocols")
-    # Middleware added first wraps the later ones: errors on /v1/* and /v2/* are reshaped into OpenAI's
-    # shape (ProtocolErrors) whichever layer answers them, the body checks' and the key check's too.
-    svc.add_asgi_middleware(ProtocolErrors)
+    # BentoML's own routes are POST-only and come first; this app holds GET /health and the other protocols' routes.
+    svc.mount_asgi_app(protocol_app, path="/", name="protocols")
+    # Middleware added first wraps the later ones. The error renderer (ProtocolErrors) is outermost, so that every
+    # answer on another protocol's route is in its shape, the body checks' and the key check's too.
+    svc.add_asgi_middleware(ProtocolErrors, routing=routing, max_bytes=functools.partial(json_body_limit, spec))
     # The APIs that take JSON alone (the seed paths and the protocol routes), up to MAX_REQUEST_MB; the image
     # APIs take forms too, up to what the allowed images need. The limits are read as the service starts.
-    json_routes = frozenset(
-        api.route
-        for api in svc.apis.values()
-        if api.input_spec.mime_type() == "application/json" and not issubclass(api.input_spec, FormOrJSON)
-    ) | {route.path for route in base.protocol_routes if "POST" in (route.methods or ())}
+    json_routes = (
+        frozenset(
+            api.route
+            for api in svc.apis.values()
+            if api.input_spec.mime_type() == "application/json" and not issubclass(api.input_spec, FormOrJSON)
+        )
+        | routing.post_paths()
+    )
     svc.add_asgi_middleware(RequestBodies, routes=json_routes, max_bytes=functools.partial(json_body_limit, spec))
     form_routes = frozenset(api.route for api in svc.apis.values() if issubclass(api.input_spec, FormOrJSON))
     if form_routes:
@@ -396,6 +428,8 @@ def build_service(spec: ServiceSpec) -> t.Any:
         image_body = functools.partial(image_body_limit, spec)
         svc.add_asgi_middleware(RequestBodies, routes=form_routes, max_bytes=image_body, media_types=media_types)
     svc.add_asgi_middleware(ApiKeyAuth, spec=spec)
+    # Innermost: a request on a shared path (/rerank) that is another protocol's goes to that protocol's route.
+    svc.add_asgi_middleware(SharedPaths, routing=routing, protocol_app=protocol_app)
     return svc
 
 
@@ -414,18 +448,29 @@ def check_start_up(spec: ServiceSpec) -> None:
     KIND_BASES[spec.kind].check_start_up(spec)
 
 
-# Before the server builds its middleware (which takes the tracer provider once): see its docstring.
-record_spans_only_when_exported()
-# Before the worker starts uvicorn: a deadline for request headers, and new connections refused from the
-# moment a SIGTERM arrives (embed_http/clients.py); a bad EMBED_READ_TIMEOUT is refused here, at start-up.
-clients.read_timeout()
-clients.install_header_deadline()
-clients.install_refuse_on_shutdown()
-clients.install_timeout_releasing_timer()  # BentoML's request timeout held every request's context for 600 s
-# The model's thread lets go of the GIL at every torch operation and must get it back from the event loop's;
-# at Python's default switch interval (5 ms) a busy event loop makes each of those waits long enough to
-# stretch a forward pass many times over (BENCHMARKS.md, the GIL switch interval).
-sys.setswitchinterval(0.0005)
+def start_serving() -> None:
+    """What a worker sets up for the whole process before it serves, once (EmbedService.to_asgi calls it):
+
+    - OpenMP (read once, when torch is imported in the service's __init__): the model's threads sleep when idle
+      instead of spinning, as spinning threads starve the event loop on the same cores; a short spin still bridges
+      the gaps inside one forward pass (BENCHMARKS.md, CPU serving). Either can be overridden from the environment;
+    - request spans are recorded only when exported (before the server builds its middleware, which takes the
+      tracer provider once: see record_spans_only_when_exported);
+    - uvicorn: a deadline for request headers, new connections refused from the moment a SIGTERM arrives, and
+      BentoML's request timer released when a request ends (embed_http/clients.py);
+    - the GIL switch interval: the model's thread lets go of the GIL at every torch operation and must get it back
+      from the event loop's; at Python's default (5 ms) a busy event loop stretches a forward pass many times over
+      (BENCHMARKS.md, the GIL switch interval).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    record_spans_only_when_exported()
+    clients.read_timeout()
+    clients.install_header_deadline()
+    clients.install_refuse_on_shutdown()
+    clients.install_timeout_releasing_timer()
+    sys.setswitchinterval(0.0005)
+
 
 # Module-level names, so that `bentoml serve service:<Class>` finds them.
 Siglip2Embed = build_service(SERVICES["siglip2_embed"])

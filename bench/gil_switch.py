@@ -47,9 +47,9 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="append the results (markdown) to this file")
     args = parser.parse_args()
 
-    from runners.config import RunnerConfig
+    from embed_core.config import RunnerConfig
+    from embed_core.table import SERVICES
     from runners.embedder import TextEmbedder
-    from runners.table import SERVICES
 
     spec = SERVICES["bge_embed"]
     os.environ.update({spec.model_env: "demo", "EMBED_DEVICE": "cpu", "EMBED_QUANTIZATION": "none"})

@@ -42,13 +42,13 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 from gpu_throughput import BERT_LARGE, QWEN3_4B, QWEN3_8B, TINY  # noqa: E402  (the real shapes)
 
+from embed_core.config import RunnerConfig  # noqa: E402
+from embed_core.table import SERVICES  # noqa: E402
 from embed_ops.profiles import BYTES_PER_PARAM, PROFILES  # noqa: E402
-from runners.config import RunnerConfig  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
 from runners.fp8 import quantize_model_fp8  # noqa: E402
 from runners.int8 import quantize_model_int8  # noqa: E402
 from runners.packed import PackedQwen3  # noqa: E402
-from runners.table import SERVICES  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = ("none", "int8", "bnb-int8", "nf4", "fp8")

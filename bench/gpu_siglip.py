@@ -29,8 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 
-from runners.config import RunnerConfig  # noqa: E402
-from runners.table import SERVICES  # noqa: E402
+from embed_core.config import RunnerConfig  # noqa: E402
+from embed_core.table import SERVICES  # noqa: E402
 from tests.conftest import build_siglip2_tokenizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the script itself (--smoke)

@@ -22,9 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 
-from runners.config import RunnerConfig  # noqa: E402
+from embed_core.config import RunnerConfig  # noqa: E402
+from embed_core.table import SERVICES  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
-from runners.table import SERVICES  # noqa: E402
 from tests.conftest import build_qwen_tokenizer  # noqa: E402  (a tokenizer with Qwen's special tokens)
 
 QWEN3_8B = dict(

@@ -50,9 +50,9 @@ def in_process(cycles: int) -> dict[str, float]:
     import torch  # noqa: F401  - imported before the clock starts
     import transformers  # noqa: F401
 
+    from embed_core.table import SERVICES
     from runners.embedder import TextEmbedder
     from runners.idle import IdleUnloading, hold_runner
-    from runners.table import SERVICES
 
     os.environ.update({"BGE_EMBED_MODEL": "demo", "EMBED_DEVICE": "cpu", "BGE_EMBED_IDLE_UNLOAD_SECONDS": "3600"})
     process = psutil.Process()

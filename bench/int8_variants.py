@@ -36,9 +36,9 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from quant_accuracy import sentences, set_env  # noqa: E402
 
 import runners.int8 as int8  # noqa: E402
-from runners.config import RunnerConfig  # noqa: E402
+from embed_core.config import RunnerConfig  # noqa: E402
+from embed_core.table import SERVICES  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
-from runners.table import SERVICES  # noqa: E402
 
 WORDS = ["hi", "thanks", "maybe", "true", "false", "OK", "Yes", "No", "okay", "sure", "why", "what", "who",
     "the", "a", "an", "of", "1", "2", "42", "?", "!", ".", "hello!", "bye", "cool", "nice", "good", "bad",

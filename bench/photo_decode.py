@@ -38,7 +38,7 @@ from cpu_serving import cpu_seconds, free_port, machine, start, stop  # noqa: E4
 from photo_corpus import corpus  # noqa: E402
 from PIL import Image, ImageCms, ImageOps  # noqa: E402
 
-from runners.table import SERVICES  # noqa: E402
+from embed_core.table import SERVICES  # noqa: E402
 from tests.conftest import save_tiny_siglip  # noqa: E402
 from tests.pictures import TWELVE_MP, display_p3, encode, photo_like  # noqa: E402
 
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--skip-service", action="store_true")
     parser.add_argument("--write", help="append the markdown tables to this file")
     args = parser.parse_args()
-    from runners.config import RunnerConfig
+    from embed_core.config import RunnerConfig
     from runners.images import ImageSettings
     from runners.siglip import SiglipEmbedder
 

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from runners.config import QUANTIZATIONS, RunnerConfig  # noqa: E402
+from embed_core.config import QUANTIZATIONS, RunnerConfig  # noqa: E402
+from embed_core.table import SERVICES  # noqa: E402
 from runners.embedder import TextEmbedder  # noqa: E402
 from runners.reranker import Reranker  # noqa: E402
-from runners.table import SERVICES  # noqa: E402
 from tests.conftest import build_qwen_tokenizer, qwen3_config  # noqa: E402  (the tests' tiny reranker checkpoint)
 
 WORDS = [

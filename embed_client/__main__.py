@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import EmbedClientError
+from .client import EmbedClientError
 from .index import DEFAULT_SERVICE, DEFAULT_TEXT_SERVICE, index_folder
 from .search import CAPTION_QUERY_INSTRUCTION, SearchHit, search
 from .store import DEFAULT_COLLECTION, DEFAULT_STORE, DEFAULT_WAIT, PhotoStore, StoreError, copy_store, date_bound

@@ -37,11 +37,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import BadRequest, EmbedClient, ServiceBusy, ServiceError, Unreachable
+from .client import BadRequest, EmbedClient, ServiceBusy, ServiceError, Unreachable
 from .store import CAPTION_VECTOR, DEFAULT_STORE, IMAGE_VECTOR, PhotoRecord, PhotoStore
 
-DEFAULT_SERVICE = "http://localhost:6010"  # SigLIP2 (runners/table.py)
-DEFAULT_TEXT_SERVICE = "http://localhost:6014"  # Qwen3-Embedding-8B (runners/table.py)
+DEFAULT_SERVICE = "http://localhost:6010"  # SigLIP2 (embed_core/table.py)
+DEFAULT_TEXT_SERVICE = "http://localhost:6014"  # Qwen3-Embedding-8B (embed_core/table.py)
 DOOR_SECONDS = 0.1  # how often an indexing run looks for a search waiting for the store between its writes
 
 # File extensions per image format name, for the formats a service's /health lists.

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import EmbedClient, EmbedClientError
+from .client import EmbedClient, EmbedClientError
 from .index import DEFAULT_SERVICE, DEFAULT_TEXT_SERVICE
 from .store import (
     CAPTION_VECTOR,

@@ -28,6 +28,8 @@ from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from embed_core.config import environ_number
+
 DEFAULT_READ_TIMEOUT = 60.0
 # The project's error shape (embed_http/io.py): {"error": what is wrong, for a person to read}.
 _TIMEOUT_BODY = json.dumps({"error": "the request was not received in time (EMBED_READ_TIMEOUT)"}).encode()
@@ -36,16 +38,7 @@ _TIMEOUT_BODY = json.dumps({"error": "the request was not received in time (EMBE
 @functools.cache  # read once per process: every new connection asks for it
 def read_timeout() -> float:
     """EMBED_READ_TIMEOUT: seconds a client has to send its headers, and again its body. Refused unless > 0."""
-    raw = os.environ.get("EMBED_READ_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_READ_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise ValueError(f"EMBED_READ_TIMEOUT must be a number of seconds > 0, got {raw!r}")
-    return value
+    return environ_number(os.environ, "EMBED_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, parse=float, above=0.0)
 
 
 def _timeout_response() -> bytes:

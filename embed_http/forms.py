@@ -12,9 +12,9 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from embed_http.errors import STATUS, Rejected
+from embed_core.errors import InputError
+from embed_http.errors import Rejected
 from embed_http.schemas import NonBlankText
-from runners.errors import InputError
 from runners.images import ImageSettings
 
 # In a multipart form an image is a file part; in JSON it is base64 or a data: URI.
@@ -34,11 +34,13 @@ class FormOrJSON(bentoml.IODescriptor):
 
     # A misspelt field is refused, not dropped (in JSON by pydantic, in a form below).
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    # The form's limits (image_request_limits), given by the service as it starts (service.py finish_start_up).
+    limits: t.ClassVar[dict[str, int]] = {}
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: t.Any) -> t.Any:
         # The body's media type and size were checked before (RequestBodies, with image_request_limits).
-        limits = bentoml.get_current_service().request_limits()
+        limits = FormOrJSON.limits
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in FORM_TYPES:
             return await super().from_http_request(request, serde)
@@ -104,7 +106,7 @@ async def read_image_field(value: t.Any, name: str, max_bytes: int) -> bytes | s
     data = await value.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise InputError(
-            f"`{name}` is over {max_bytes} bytes; at most {max_bytes} per image", status=STATUS["too_large"], param=name
+            f"`{name}` is over {max_bytes} bytes; at most {max_bytes} per image", kind="too_large", param=name
         )
     if not data:
         raise InputError(f"`{name}` is an empty upload", param=name)

@@ -1,27 +1,19 @@
-"""ASGI middleware around every service: request bodies (media type and size), OpenAI-shaped errors on
-the protocol routes, and the optional API key."""
+"""ASGI middleware around every service, for every protocol alike: request bodies (media type and size), the
+optional API key, and the error renderer that answers each route in its protocol's shape (asking the registry)."""
 
 from __future__ import annotations
 
 import hmac
-import json
 import typing as t
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embed_http.errors import (
-    PROTOCOL_PREFIXES,
-    STATUS,
-    TEI_PATHS,
-    error_response,
-    openai_error_body,
-    refused_key,
-    tei_error,
-)
-from runners.config import setting
-from runners.table import ServiceSpec
+from embed_core.config import setting
+from embed_core.table import ServiceSpec
+from embed_http.errors import KEY_REFUSED, STATUS, error_message, json_object
+from embed_http.registry import Routing
+from embed_http.seed import SEED
 
 JSON_MEDIA_TYPES = ("", "application/json")
 
@@ -57,9 +49,9 @@ class RequestBodies:
         if media_type not in self.media_types:
             wanted = " or ".join(kind for kind in self.media_types if kind)
             message = f"send the body as {wanted} (Content-Type), not {media_type}"
-            await error_response(STATUS["unsupported_media_type"], message)(scope, receive, send)
+            await SEED.error(STATUS["unsupported_media_type"], message)(scope, receive, send)
             return
-        too_large = error_response(STATUS["too_large"], f"the request body is larger than {self.max_bytes} bytes")
+        too_large = SEED.error(STATUS["too_large"], f"the request body is larger than {self.max_bytes} bytes")
         declared = headers.get(b"content-length", b"")
         if declared.isdigit():
             if int(declared) > self.max_bytes:
@@ -91,23 +83,32 @@ class RequestBodies:
         await self.app(scope, replay, send)
 
 
-class ProtocolErrors:
-    """On /v1/* and /v2/*, an error answer that is not yet OpenAI-shaped (Starlette's plain-text 404 and
-    405, BentoML's own errors, the body checks' JSON) is rewritten into `{"error": {...}}`; on TEI's routes,
-    into TEI's `{"error", "error_type"}`."""
+PROTOCOL = "embed.protocol"  # the scope key that names the protocol of a request (ProtocolErrors sets it)
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class ProtocolErrors:
+    """The error renderer: asks the service's Routing which protocol a request belongs to (on a path two protocols
+    share, it reads the JSON body, up to `max_bytes`, to tell), names it in the scope, and rewrites an error answer
+    that is not yet in that protocol's shape (Starlette's plain-text 404 and 405, BentoML's own errors, the body
+    checks' and the API key's) into it. The seed's routes keep their answers as they are."""
+
+    def __init__(self, app: ASGIApp, routing: Routing, max_bytes: int | t.Callable[[], int]) -> None:
         self.app = app
+        self.routing = routing
+        self.max_bytes = max_bytes() if callable(max_bytes) else max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"].startswith(PROTOCOL_PREFIXES):
-            shaped, render = already_openai_shaped, openai_answer
-        elif scope["path"] in TEI_PATHS:
-            shaped, render = already_tei_shaped, tei_error
+        path = scope["path"]
+        if self.routing.is_shared(path) and scope["method"] == "POST":
+            body, receive = await peek_body(receive, self.max_bytes)
+            protocol = self.routing.protocol_of(path, None if body is None else json_object(body))
         else:
+            protocol = self.routing.protocol_of(path)
+        scope[PROTOCOL] = protocol.name
+        if protocol is SEED:
             await self.app(scope, receive, send)
             return
         start: Message | None = None
@@ -125,12 +126,15 @@ class ProtocolErrors:
             if message.get("more_body", False):
                 return
             status, body = start["status"], b"".join(chunks)
-            if not shaped(body):
-                rewritten = render(status, error_message(body, status))
-                extra = [
-                    (k, v) for k, v in start.get("headers", []) if k.lower() in (b"www-authenticate", b"retry-after")
+            if not protocol.is_error_shaped(body):
+                rewritten = protocol.error(status, error_message(body, status))
+                own = {key.lower() for key, _ in rewritten.raw_headers}
+                kept = [
+                    (key, value)
+                    for key, value in start.get("headers", [])
+                    if key.lower() in (b"www-authenticate", b"retry-after") and key.lower() not in own
                 ]
-                start = {**start, "headers": rewritten.raw_headers + extra}
+                start = {**start, "headers": rewritten.raw_headers + kept}
                 body = rewritten.body
             await send(start)
             await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -138,41 +142,42 @@ class ProtocolErrors:
         await self.app(scope, receive, reshape)
 
 
-def openai_answer(status: int, message: str) -> JSONResponse:
-    """OpenAI's shape without openai_error's WWW-Authenticate: the reshaped answer keeps the original's header."""
-    return JSONResponse(openai_error_body(status, message), status_code=status)
+async def peek_body(receive: Receive, max_bytes: int) -> tuple[bytes | None, Receive]:
+    """Read a request's body, up to `max_bytes`, and a `receive` that hands it on again as it came. The body is
+    None when it is larger (RequestBodies refuses it next) or the client left."""
+    messages: list[Message] = []
+    size = 0
+    complete = False
+    while not complete and size <= max_bytes:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        complete = not message.get("more_body", False)
+    body = b"".join(message.get("body", b"") for message in messages) if complete and size <= max_bytes else None
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return body, replay
 
 
-def json_object(body: bytes) -> dict | None:
-    """The body as a JSON object, or None when it is not one."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+class SharedPaths:
+    """On a path two protocols share (TEI's /rerank and the seed's), a request ProtocolErrors found to be another
+    protocol's than the seed's goes to that protocol's routes instead of the BentoML API that holds the path."""
 
+    def __init__(self, app: ASGIApp, routing: Routing, protocol_app: ASGIApp) -> None:
+        self.app = app
+        self.routing = routing
+        self.protocol_app = protocol_app
 
-def already_tei_shaped(body: bytes) -> bool:
-    data = json_object(body)
-    return data is not None and isinstance(data.get("error"), str) and "error_type" in data
-
-
-def already_openai_shaped(body: bytes) -> bool:
-    data = json_object(body)
-    return data is not None and isinstance(data.get("error"), dict) and "message" in data["error"]
-
-
-def error_message(body: bytes, status: int) -> str:
-    """The message inside an error body of any shape: {"error": str}, {"detail": ...}, or plain text."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return body.decode("utf-8", "replace").strip() or f"HTTP {status}"
-    if isinstance(data, dict):
-        for key in ("error", "detail", "message"):
-            if key in data:
-                return data[key] if isinstance(data[key], str) else json.dumps(data[key])
-    return json.dumps(data)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shared = scope["type"] == "http" and self.routing.is_shared(scope["path"])
+        if shared and scope.get(PROTOCOL, SEED.name) != SEED.name:
+            await self.protocol_app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 # BentoML's own probes and the project's /health stay open, so orchestrators need no key.
@@ -204,7 +209,10 @@ class ApiKeyAuth:
         if scope["type"] == "websocket":  # none are served today; refuse the handshake all the same
             await send({"type": "websocket.close", "code": 1008})
             return
-        await refused_key(scope["path"])(scope, receive, send)  # in the shape of the route's protocol
+        # In the seed's shape; ProtocolErrors puts it in the shape of the route's protocol.
+        await SEED.error(STATUS["unauthorized"], KEY_REFUSED, headers={"WWW-Authenticate": "Bearer"})(
+            scope, receive, send
+        )
 
     def authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")

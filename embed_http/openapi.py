@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import typing as t
 
 import bentoml
+
+from embed_http.registry import Routing
+from embed_http.tei import TEI_ERROR_SCHEMA
 
 # The body of every error answer: ours ({"error", "param"}) and BentoML's validation 400s ({"error", "detail"}).
 ERROR_SCHEMA: dict[str, t.Any] = {
@@ -53,8 +57,12 @@ class DocumentedService(bentoml.Service):
     BentoML declares the same three errors for every API, with a `detail` string where its own
     validation 400s send a list, and it drops `null` from optional fields. Here each API route
     declares the error answers it gives (ERROR_ANSWERS, all with ERROR_SCHEMA), and the optional
-    fields are `nullable`, as the pydantic signature accepts.
+    fields are `nullable`, as the pydantic signature accepts. The routes of the other protocols that declare
+    their operations (TEI's: embed_http/tei.py) are added from the registry; on a path the seed's API shares with
+    one (/rerank), the request and the answer are either protocol's (oneOf), told apart by the body.
     """
+
+    routing: Routing | None = None  # set by service.py: the protocols this service speaks
 
     @property
     def openapi_spec(self) -> t.Any:
@@ -70,7 +78,43 @@ class DocumentedService(bentoml.Service):
                 for name, field in (media.schema.properties or {}).items():
                     if name in nullable:
                         field["nullable"] = True
+        if self.routing is not None:
+            self._declare_protocol_routes(spec, self.routing)
         return spec
+
+    @staticmethod
+    def _declare_protocol_routes(spec: t.Any, routing: Routing) -> None:
+        from bentoml._internal.service.openapi.specification import PathItem
+
+        for _, endpoint in routing.endpoints():
+            if endpoint.operation is None:
+                continue
+            spec.components["schemas"]["TeiErrorResponse"] = TEI_ERROR_SCHEMA
+            method = endpoint.method.lower()
+            if endpoint.path not in spec.paths:
+                spec.paths[endpoint.path] = PathItem(**{method: copy.deepcopy(endpoint.operation)})
+                continue
+            # A path the seed's API holds too: either protocol's request, either's answer.
+            seed, other = getattr(spec.paths[endpoint.path], method), endpoint.operation
+            for media_type, media in seed["requestBody"]["content"].items():
+                other_schema = other["requestBody"]["content"]["application/json"]["schema"]
+                seed["requestBody"]["content"][media_type] = {"schema": {"oneOf": [media.schema, other_schema]}}
+            for status, answer in other["responses"].items():
+                declared = seed["responses"].get(int(status)) or seed["responses"].get(status)
+                if declared is None:
+                    seed["responses"][int(status)] = answer
+                    continue
+                ours = _json_schema(declared)
+                if ours is not None:
+                    declared["content"] = {"application/json": {"schema": {"anyOf": [ours, _json_schema(answer)]}}}
+
+
+def _json_schema(response: t.Any) -> t.Any:
+    content = response.get("content") if isinstance(response, dict) else getattr(response, "content", None)
+    media = (content or {}).get("application/json")
+    if media is None:
+        return None
+    return media.get("schema") if isinstance(media, dict) else media.schema
 
 
 def _nullable_fields(schema: dict[str, t.Any]) -> set[str]:

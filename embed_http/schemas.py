@@ -10,8 +10,7 @@ import typing as t
 
 from pydantic import BaseModel, Field
 
-from embed_http.errors import STATUS
-from runners.errors import InputError
+from embed_core.errors import InputError
 
 # What require_text / require_texts enforce, declared in the OpenAPI document too (schema only: the
 # checks themselves stay in those functions, whose errors name the field at fault).
@@ -60,10 +59,11 @@ def require_text(value: str, name: str) -> str:
 def require_items(values: list[t.Any], name: str, limit: int) -> list[t.Any]:
     """A non-empty list of at most `limit` items (strings, which may be blank: rerank documents)."""
     if not isinstance(values, list) or not values:
-        raise InputError(f"`{name}` must be a non-empty list of strings", param=name)
+        kind = "empty" if isinstance(values, list) else "bad_input"
+        raise InputError(f"`{name}` must be a non-empty list of strings", kind=kind, param=name)
     if len(values) > limit:
         raise InputError(
-            f"`{name}` holds {len(values)} items; at most {limit} per request", status=STATUS["too_large"], param=name
+            f"`{name}` holds {len(values)} items; at most {limit} per request", kind="too_large", param=name
         )
     return values
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import httpx
 from pydantic import BaseModel
 
-from runners.config import setting
-from runners.errors import ModelLoadError, Overloaded
-from runners.table import SERVICES, ServiceSpec
+from embed_core.config import setting
+from embed_core.errors import ModelLoadError, Overloaded
+from embed_core.table import SERVICES, ServiceSpec
 
 if t.TYPE_CHECKING:
     import torch

@@ -17,9 +17,9 @@ import os
 import threading
 import typing as t
 
-from runners.config import setting
-from runners.errors import InputError
-from runners.table import ServiceSpec
+from embed_core.config import setting
+from embed_core.errors import InputError
+from embed_core.table import ServiceSpec
 
 DEFAULT_ENCODING = "cl100k_base"  # OpenAI's embedding models', and LangChain's for any other model name
 _lock = threading.Lock()
@@ -118,5 +118,7 @@ async def decode_token_input(value: list[t.Any], model: str | None, spec: Servic
     encoding may read or download a file)."""
     lists = token_lists(value)
     if len(lists) > limit:
-        raise InputError(f"`input` holds {len(lists)} items; at most {limit} per request", status=413, param="input")
+        raise InputError(
+            f"`input` holds {len(lists)} items; at most {limit} per request", kind="too_large", param="input"
+        )
     return await asyncio.to_thread(decode_all, lists, model, setting(spec, "TIKTOKEN_DIR"))

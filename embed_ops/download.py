@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runners.table import SERVICES, ServiceSpec
+from embed_core.table import SERVICES, ServiceSpec
 
 from .profiles import PROFILES
 
@@ -147,7 +147,7 @@ def download(argv: Iterable[str] | None) -> int:
     if not names:
         parser.error("name at least one service, or a --profile")
 
-    from runners.loading import _HUB_IGNORE  # (imports torch: only once there is something to download)
+    from embed_core.config import HUB_IGNORE
 
     to = args.to.expanduser().resolve()
     to.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def download(argv: Iterable[str] | None) -> int:
     for number, item in enumerate(downloads, 1):
         print(f"[{number}/{len(downloads)}] {item.repo_id} -> {item.local_dir} ({args.source})", file=sys.stderr)
         try:
-            paths.append(fetch_or_explain(args.source, item, list(_HUB_IGNORE)))
+            paths.append(fetch_or_explain(args.source, item, list(HUB_IGNORE)))
         except DownloadFailed as failure:
             # What did arrive is still exported; `false` makes `eval "$(...)"` fail as the command did.
             print("\n".join([*export_lines(downloads[: len(paths)], paths), *eval_fails()]))

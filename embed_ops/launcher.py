@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runners.table import SERVICES, spec_for
+from embed_core.table import SERVICES, spec_for
 
 from . import supervisor
 from .profiles import (

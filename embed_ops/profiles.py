@@ -11,8 +11,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from runners.config import QUANTIZATIONS, setting
-from runners.table import SERVICES, ServiceSpec, spec_for
+from embed_core.config import QUANTIZATIONS, setting
+from embed_core.table import SERVICES, ServiceSpec, spec_for
 
 # Bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1 byte per parameter). An estimate:
 # the quantized modes keep the embeddings and norms in bf16, and activations and the CUDA context come on

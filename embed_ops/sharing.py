@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from runners.config import RunnerConfig
-from runners.table import spec_for
+from embed_core.config import RunnerConfig
+from embed_core.table import spec_for
 
 
 def same_weights(first: RunnerConfig, second: RunnerConfig) -> bool:

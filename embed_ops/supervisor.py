@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embed_core.config import SettingError, environ_number
+
 # States a state file holds. The first three are a live supervisor's; the last three are final.
 STARTING, RUNNING, RESTARTING = "starting", "running", "restarting"
 CRASH_LOOP, START_FAILED, STOPPED = "crash loop", "start failed", "stopped"
@@ -29,16 +31,10 @@ FINAL_STATES = (CRASH_LOOP, START_FAILED, STOPPED)
 
 
 def env_seconds(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
     try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise SystemExit(f"{name} must be >= {minimum:g}, got {raw}")
-    return value
+        return environ_number(env, name, default, parse=float, minimum=minimum)
+    except SettingError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 
-from .errors import InputError, Overloaded
+from embed_core.errors import InputError, Overloaded
 
 log = logging.getLogger(__name__)
 

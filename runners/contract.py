@@ -1,14 +1,15 @@
 """What the HTTP layer may call on a runner, per kind: small typed protocols that the services and the
 protocol routes hold their runner as. A new model kind is a runner that satisfies one of these, plus a
-row in runners/table.py."""
+row in embed_core/table.py."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
 if TYPE_CHECKING:  # annotations only: importing this module imports no torch
+    from embed_core.config import RunnerConfig
+
     from .batching import Batcher
-    from .config import RunnerConfig
     from .images import ImageSettings
 
 # What one image may arrive as: the file's bytes, or base64 / a data: URI as text.
@@ -51,7 +52,20 @@ class TextEncoder(Embedder, Protocol):
         names: list[str] | None = None,
     ) -> tuple[list[list[float]], int]: ...
 
+    async def embed_inputs(
+        self,
+        inputs: list[str | list[int]],
+        instruction: str | None = None,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        truncation_direction: str = "right",
+        names: list[str] | None = None,
+    ) -> tuple[list[list[float]], int]: ...
+
+    async def decode(self, lists: list[list[int]], names: list[str], skip_special_tokens: bool = True) -> list[str]: ...
+
     named_prompts: dict[str, str]  # the model's own sentence-transformers prompts, by name
+    max_length: int
 
     def prompts(self, texts: list[str], instruction: str | None = None) -> list[str]: ...
 
@@ -85,8 +99,21 @@ class ImageEncoder(Embedder, Protocol):
 class Ranker(Runner, Protocol):
     """A reranker: P(relevant) of each document for a query."""
 
-    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> list[float]: ...
+    max_length: int
+
+    async def score(
+        self, query: str, documents: list[str], instruction: str | None = None, raw: bool = False
+    ) -> list[float]: ...
 
     async def rank(
-        self, query: str, documents: list[str], instruction: str | None = None, top_k: int | None = None
+        self,
+        query: str,
+        documents: list[str],
+        instruction: str | None = None,
+        top_k: int | None = None,
+        raw: bool = False,
     ) -> list[tuple[int, float]]: ...
+
+    async def tokenize_texts(self, texts: list[str], add_special_tokens: bool = True) -> list[dict[str, Any]]: ...
+
+    async def decode(self, lists: list[list[int]], names: list[str], skip_special_tokens: bool = True) -> list[str]: ...

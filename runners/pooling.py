@@ -13,7 +13,8 @@ from typing import Protocol
 
 import torch
 
-from .errors import InputError, ModelLoadError
+from embed_core.errors import InputError, ModelLoadError
+
 from .loading import read_json
 
 

@@ -13,18 +13,20 @@ for models that tie their word embeddings (Qwen3-4B), from the input embedding m
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
+from embed_core.config import RunnerConfig
+from embed_core.errors import ModelLoadError
+from embed_core.table import ServiceSpec
 
 from .batching import CHARS_PER_TOKEN_GUESS, Batcher, plan_micro_batches, run_in_order, runner_batcher
-from .config import RunnerConfig
-from .errors import ModelLoadError
 from .forward import LocalForward, ModelForward
 from .loading import MAX_CHARS_PER_TOKEN, prepare_model, token_limit
-from .table import ServiceSpec
+from .tokens import decode_ids, tokens_with_offsets
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,14 @@ PROMPT_PREFIX = (
 )
 PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 YES, NO = "yes", "no"
+
+
+def sigmoid(logit: float) -> float:
+    """1 / (1 + e^-x), without overflow for large |x|."""
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    grown = math.exp(logit)
+    return grown / (1.0 + grown)
 
 
 def prompt_body(query: str, document: str, instruction: str) -> str:
@@ -135,18 +145,37 @@ class Reranker:
     def resolve_instruction(self, instruction: str | None) -> str:
         return instruction if instruction and instruction.strip() else self.default_instruction
 
-    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> list[float]:
-        """P(yes) for each document against the query, in input order. Concurrent calls share forward passes."""
+    async def score(
+        self, query: str, documents: list[str], instruction: str | None = None, raw: bool = False
+    ) -> list[float]:
+        """P(yes) for each document against the query, in input order; raw=True: the logit difference yes - no
+        itself (TEI's raw_scores), of which P(yes) is the sigmoid. Concurrent calls share forward passes."""
         resolved = self.resolve_instruction(instruction)
-        return await self.batcher.submit([Pair(query, document, resolved) for document in documents])
+        logits = await self.batcher.submit([Pair(query, document, resolved) for document in documents])
+        return logits if raw else [sigmoid(logit) for logit in logits]
 
     async def rank(
-        self, query: str, documents: list[str], instruction: str | None = None, top_k: int | None = None
+        self,
+        query: str,
+        documents: list[str],
+        instruction: str | None = None,
+        top_k: int | None = None,
+        raw: bool = False,
     ) -> list[tuple[int, float]]:
         """(original index, score), highest score first (ties keep input order), at most top_k."""
-        scores = await self.score(query, documents, instruction)
+        scores = await self.score(query, documents, instruction, raw)
         order = sorted(range(len(scores)), key=lambda index: -scores[index])
         return [(index, scores[index]) for index in order[:top_k]]
+
+    async def tokenize_texts(self, texts: list[str], add_special_tokens: bool = True) -> list[dict[str, Any]]:
+        """The tokenizer's tokens of each text as it is, with character offsets (TEI's /tokenize)."""
+        return await asyncio.to_thread(
+            lambda: [tokens_with_offsets(self.tokenizer, text, add_special_tokens=add_special_tokens) for text in texts]
+        )
+
+    async def decode(self, lists: list[list[int]], names: list[str], skip_special_tokens: bool = True) -> list[str]:
+        """The text of each list of token ids (TEI's /decode)."""
+        return await asyncio.to_thread(decode_ids, self.tokenizer, lists, names, skip_special_tokens)
 
     # -- the model side (runs in the batcher's worker thread) ------------------------------------------
 
@@ -184,7 +213,7 @@ class Reranker:
         # full-vocabulary logits are ever computed.
         yes_no, positions = self.forward.run(batch, "last", [self.yes_id, self.no_id])  # [batch, 2]
         self.batcher.forward_done("pair", len(batch), sum(len(ids) for ids in batch), positions)
-        return torch.sigmoid(yes_no[:, 0] - yes_no[:, 1]).tolist()
+        return (yes_no[:, 0] - yes_no[:, 1]).tolist()  # score() takes the sigmoid
 
     # -- start-up decisions ------------------------------------------------------------------------
 

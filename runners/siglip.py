@@ -21,15 +21,16 @@ from typing import Any, ClassVar, Union
 
 import torch
 
+from embed_core.config import RunnerConfig
+from embed_core.errors import InputError, ModelLoadError
+from embed_core.table import ServiceSpec
+
 from .batching import Batcher, plan_micro_batches, run_in_order, runner_batcher
-from .config import RunnerConfig
 from .contract import ImageSource
-from .errors import InputError, ModelLoadError
 from .gpu_decode import GpuJpegDecoder
 from .images import ImageSettings, accepted_formats, bytes_from_base64, open_image
 from .loading import MAX_CHARS_PER_TOKEN, load_image_processor, prepare_model
 from .pooling import check_dimensions
-from .table import ServiceSpec
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,9 @@ class SiglipEmbedder:
             raise InputError(f"`{param}` must hold at least one image", param=param)
         limit = self.settings.max_images_per_request
         if count > limit:
-            raise InputError(f"`{param}` holds {count} images; at most {limit} per request", status=413, param=param)
+            raise InputError(
+                f"`{param}` holds {count} images; at most {limit} per request", kind="too_large", param=param
+            )
 
     async def embed_images(self, sources: list[ImageSource], names: list[str] | None = None) -> list[list[float]]:
         """L2-normalized image embeddings, in input order. `names` name the inputs in error messages."""

@@ -412,7 +412,7 @@ SERVICE_MODEL_FIXTURES: dict[str, str] = {
 
 def serve_tiny(request: pytest.FixtureRequest, seed_name: str, tmp_path_factory, **env: str) -> Iterator[Served]:
     """`bentoml serve` one service of the table on its tiny checkpoint (no quantization: CPU)."""
-    from runners.table import SERVICES
+    from embed_core.table import SERVICES
 
     spec = SERVICES[seed_name]
     model = request.getfixturevalue(SERVICE_MODEL_FIXTURES[seed_name])

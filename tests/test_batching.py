@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
+from embed_core.errors import Overloaded
 from runners import batching
 from runners.batching import Batcher, plan_micro_batches, run_in_order, run_splitting_on_oom
-from runners.errors import Overloaded
 from tests.conftest import HANG_GUARD_SECONDS
 
 

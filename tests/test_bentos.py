@@ -16,7 +16,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from runners.table import SERVICES
+from embed_core.table import SERVICES
 
 REPO = Path(__file__).resolve().parent.parent
 BENTOS = {name: REPO / "bentos" / f"{name}.yaml" for name in SERVICES}
@@ -112,7 +112,7 @@ def test_bento_builds_offline_with_a_cuda_image_and_the_services_dependencies(bu
     assert manifest["models"] == [] and manifest["entry_service"] == name
     assert manifest["services"][0]["config"]["resources"] == {"gpu": 1}
     source = bento / "src"
-    assert (source / "service.py").is_file() and (source / "runners" / "table.py").is_file()
+    assert (source / "service.py").is_file() and (source / "embed_core" / "table.py").is_file()
     from deploy.generate import SERVER_MODULES, SERVER_PACKAGES
 
     assert [module for module in SERVER_MODULES if not (source / f"{module}.py").is_file()] == []

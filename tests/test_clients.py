@@ -211,8 +211,8 @@ def test_embed_client_rerank_and_score(rerank_4b, expected_scores):
 
 def test_module_functions_take_a_port(bge, monkeypatch):
     port = int(bge.url.rsplit(":", 1)[1])
-    monkeypatch.setattr(embed_client, "DEFAULT_HOST", "http://127.0.0.1")
-    monkeypatch.setattr(embed_client, "_clients", {})
+    monkeypatch.setattr(embed_client.client, "DEFAULT_HOST", "http://127.0.0.1")
+    monkeypatch.setattr(embed_client.client, "_clients", {})
     assert len(embed_client.get_embedding("一只猫", port=port)) == 48
 
 

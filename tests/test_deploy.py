@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from runners.table import SERVICES
+from embed_core.table import SERVICES
 from tests.system_tools import required_tool
 
 REPO = Path(__file__).resolve().parent.parent

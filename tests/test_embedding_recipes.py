@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from runners.config import RunnerConfig
+from embed_core.config import RunnerConfig
+from embed_core.errors import InputError
+from embed_core.table import SERVICES
 from runners.embedder import TextEmbedder
-from runners.errors import InputError
-from runners.table import SERVICES
 from tests.references import END, bge_reference, close, qwen3_embedding_reference
 
 TEXTS = ["an orange cat sleeps in the sun", "yes", "a black dog runs on the grass " * 5, "一只橙色的猫"]

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from embed_core.config import RunnerConfig
+from embed_core.errors import ModelLoadError, Overloaded
+from embed_core.table import SERVICES
 from runners.batching import Batcher
-from runners.config import RunnerConfig
 from runners.embedder import TextEmbedder
-from runners.errors import ModelLoadError, Overloaded
-from runners.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS, REPO, free_port
 
 TEXTS = [

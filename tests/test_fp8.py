@@ -10,10 +10,10 @@ import asyncio
 import torch
 import torch.nn.functional as F
 
-from runners.config import RunnerConfig
+from embed_core.config import RunnerConfig
+from embed_core.table import SERVICES
 from runners.embedder import TextEmbedder
 from runners.fp8 import FP8, Fp8Linear, fp8_linear, quantize_weight
-from runners.table import SERVICES
 
 
 def test_weights_are_fp8_with_one_scale_per_output_channel():

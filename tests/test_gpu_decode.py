@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from runners.errors import InputError, ModelLoadError
+from embed_core.errors import InputError, ModelLoadError
+from embed_core.table import SERVICES
 from runners.gpu_decode import GpuJpegDecoder, _upright, gpu_decode_on
 from runners.images import UPRIGHT, ImageLimits, ImageSettings, open_image
-from runners.table import SERVICES
 from tests.pictures import display_p3, encode, exif_rotated, photo_like, quadrants
 
 LIMITS = ImageLimits(max_bytes=8_000_000, max_pixels=4_000_000)
@@ -93,7 +93,7 @@ def test_only_plain_jpegs_go_to_the_gpu():
     assert decoder.takes(encode(picture, "JPEG", icc_profile=display_p3()), "image") is None
     with pytest.raises(InputError) as caught:  # the header checks are the CPU path's, before the GPU
         decoder.takes(b"not an image", "image")
-    assert caught.value.status == 400
+    assert caught.value.kind == "bad_input"
 
 
 def test_a_mixed_request_matches_the_cpu_path_and_falls_back_per_image():
@@ -125,4 +125,6 @@ def test_a_file_the_gpu_cannot_decode_gets_the_cpu_paths_400():
     with pytest.raises(InputError) as caught:
         results_or_error = prepare(make(), [good, broken])
     assert results_or_error is None
-    assert caught.value.param == "images[1]" and caught.value.status == 400 and "truncated" in caught.value.message
+    assert (
+        caught.value.param == "images[1]" and caught.value.kind == "bad_input" and "truncated" in caught.value.message
+    )

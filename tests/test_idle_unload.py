@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from embed_core.errors import InputError, Overloaded
+from embed_core.table import SERVICES
 from runners.batching import Batcher
-from runners.errors import InputError, Overloaded
 from runners.idle import IdleUnloading, hold_runner
-from runners.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS, Served
 
 IDLE = 30.0
@@ -328,15 +328,19 @@ def test_a_checkpoint_deleted_while_unloaded_is_a_503_naming_it_then_served_once
     asyncio.run(main())
 
 
-def test_the_http_layer_answers_a_load_wait_with_a_503_and_retry_after():
-    from embed_http.errors import json_errors, openai_errors, tei_errors
+def test_the_http_layer_answers_a_load_wait_with_each_protocols_status_and_retry_after():
+    """503 on the seed's, OpenAI's and Cohere's routes; TEI answers an overloaded model with 429."""
+    from embed_http.registry import PROTOCOLS
+    from embed_http.seed import SEED, json_errors
 
     async def loading() -> None:
         raise Overloaded("the model is loading", retry_after=7)
 
-    for wrap in (json_errors, openai_errors, tei_errors):
+    expected = {"seed": 503, "openai": 503, "cohere": 503, "tei": 429}
+    assert {protocol.name for protocol in (SEED, *PROTOCOLS)} == set(expected)
+    for name, wrap in [("seed", json_errors), *((protocol.name, protocol.guarded) for protocol in PROTOCOLS)]:
         response = asyncio.run(wrap(loading)())
-        assert response.status_code == 503 and response.headers["retry-after"] == "7"
+        assert response.status_code == expected[name] and response.headers["retry-after"] == "7", name
         assert "loading" in json.dumps(json.loads(response.body))
 
 
@@ -407,8 +411,8 @@ def test_a_served_model_unloads_when_idle_gives_memory_back_and_answers_the_same
 
 
 def test_the_settings_are_read_per_service_and_a_malformed_one_is_refused(monkeypatch):
-    from runners.config import RunnerConfig
-    from runners.errors import ModelLoadError
+    from embed_core.config import RunnerConfig
+    from embed_core.errors import ModelLoadError
 
     bge, siglip = SERVICES["bge_embed"], SERVICES["siglip2_embed"]
     assert RunnerConfig.from_env(bge).idle_unload_seconds == 0  # off by default

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runners.errors import InputError
+from embed_core.errors import InputError
 from runners.images import ImageLimits, bytes_from_base64, open_image
 from tests.pictures import (
     BLUE,
@@ -163,7 +163,7 @@ def test_empty_bytes():
 @pytest.mark.parametrize("data", [b"hello, this is text", b"%PDF-1.7\n" + b"0" * 100, bytes(range(256)) * 4])
 def test_not_an_image(data):
     error = refused(data)
-    assert error.status == 400 and "not an image" in error.message
+    assert error.kind == "bad_input" and "not an image" in error.message
 
 
 def test_a_format_outside_the_list_is_refused():
@@ -174,18 +174,18 @@ def test_a_format_outside_the_list_is_refused():
 def test_truncated_files(format):
     data = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), format)
     error = refused(data[: len(data) // 2])
-    assert error.status == 400
+    assert error.kind == "bad_input"
 
 
 def test_corrupt_png():
     data = bytearray(encode(quadrants(), "PNG"))
     data[60:70] = b"\xff" * 10  # inside the image data: the chunk's CRC no longer matches
-    assert refused(bytes(data)).status == 400
+    assert refused(bytes(data)).kind == "bad_input"
 
 
 def test_decompression_bomb_is_refused_from_its_header():
     error = refused(png_claiming(5_000, 5_000))
-    assert error.status == 413 and "5000x5000 = 25000000 pixels" in error.message
+    assert error.kind == "too_large" and "5000x5000 = 25000000 pixels" in error.message
     # Far above Pillow's own limit, Pillow refuses it while reading the header: still a 413.
     assert "2500000000" in refused(png_claiming(50_000, 50_000)).message
 
@@ -193,14 +193,14 @@ def test_decompression_bomb_is_refused_from_its_header():
 def test_real_bomb_compresses_small_but_is_refused():
     bomb = encode(Image.new("L", (2000, 2000)), "PNG")  # 4 megapixels in a few kilobytes
     assert len(bomb) < 20_000
-    assert refused(bomb).status == 413
+    assert refused(bomb).kind == "too_large"
     assert decode(bomb, ImageLimits(max_bytes=LIMITS.max_bytes, max_pixels=4_000_000)).size == (2000, 2000)
 
 
 def test_over_the_byte_limit():
     data = encode(quadrants(), "BMP")
     error = refused(data, ImageLimits(max_bytes=len(data) - 1, max_pixels=LIMITS.max_pixels))
-    assert error.status == 413 and str(len(data)) in error.message
+    assert error.kind == "too_large" and str(len(data)) in error.message
 
 
 # -- base64 and data: URIs --------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_base64_forms_give_the_same_bytes():
 def test_bad_base64(text, words):
     with pytest.raises(InputError) as caught:
         bytes_from_base64(text, LIMITS, "images[2]")
-    assert words in caught.value.message and caught.value.param == "images[2]" and caught.value.status == 400
+    assert words in caught.value.message and caught.value.param == "images[2]" and caught.value.kind == "bad_input"
 
 
 def another_thread_ran_inside(call: Callable[..., Any], *args: Any, times: int = 3) -> bool:
@@ -282,4 +282,4 @@ def test_base64_is_decoded_without_holding_the_gil():
 def test_base64_over_the_byte_limit_is_refused_before_decoding():
     with pytest.raises(InputError) as caught:
         bytes_from_base64("A" * 4_000_000, LIMITS, "image")
-    assert caught.value.status == 413
+    assert caught.value.kind == "too_large"

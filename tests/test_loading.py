@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runners.config import RunnerConfig
+from embed_core.config import RunnerConfig
+from embed_core.errors import ModelLoadError
+from embed_core.table import SERVICES
 from runners.embedder import TextEmbedder
-from runners.errors import ModelLoadError
 from runners.loading import locate
-from runners.table import SERVICES
 
 
 def config_for(seed_name: str, monkeypatch, **env: str) -> RunnerConfig:

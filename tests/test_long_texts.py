@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from runners.config import RunnerConfig
+from embed_core.config import RunnerConfig
+from embed_core.table import SERVICES
 from runners.embedder import TextEmbedder
 from runners.loading import MAX_CHARS_PER_TOKEN
 from runners.reranker import Reranker
 from runners.siglip import ImageSettings, SiglipEmbedder
-from runners.table import SERVICES
 
 WORDS = "an orange cat "
 HUGE = WORDS * (10_000_000 // len(WORDS))

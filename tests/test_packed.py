@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
+from embed_core.config import RunnerConfig
+from embed_core.table import SERVICES
 from runners.batching import plan_micro_batches
-from runners.config import RunnerConfig
 from runners.embedder import TextEmbedder
 from runners.packed import PackedBert, PackedQwen3, pack, supports_bert_packing, supports_packing
 from runners.pooling import make_pooling
-from runners.table import SERVICES
 
 
 def test_pack_marks_each_text_and_restarts_positions():

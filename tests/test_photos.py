@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageOps
 
+from embed_core.errors import InputError, ModelLoadError
 from runners import images
-from runners.errors import InputError, ModelLoadError
 from runners.images import ORIENTATION, ImageLimits, accepted_formats, open_image, to_srgb, usable_cpus
 from tests.pictures import (
     ADOBE_CURVE,
@@ -121,7 +121,7 @@ def test_sixteen_bit_grey_heic_is_scaled_to_eight_bits():
 @pytest.mark.parametrize("cut", [0.5, 0.9])
 def test_truncated_heic_is_a_400(cut):
     data = encode(photo_like(256, 192), "HEIF", enc_params=ULTRAFAST, quality=80)
-    assert refused(data[: int(len(data) * cut)]).status == 400
+    assert refused(data[: int(len(data) * cut)]).kind == "bad_input"
 
 
 def test_corrupt_heic_is_a_400():
@@ -130,20 +130,20 @@ def test_corrupt_heic_is_a_400():
     data = bytearray(encode(photo_like(256, 192), "HEIF", enc_params=ULTRAFAST, quality=80))
     (iloc,) = heif_box_offsets(data, b"iloc")
     data[iloc + 4 : iloc + 40] = b"\xff" * 36
-    assert refused(bytes(data)).status == 400
+    assert refused(bytes(data)).kind == "bad_input"
 
 
 def test_heic_bomb_is_refused_from_its_header():
     data = heif_claiming(encode(photo_like(128, 96), "HEIF", enc_params=ULTRAFAST, quality=50), 12_000, 10_000)
     error = refused(data)
-    assert error.status == 413 and "12000x10000 = 120000000 pixels" in error.message
+    assert error.kind == "too_large" and "12000x10000 = 120000000 pixels" in error.message
 
 
 def test_heic_without_its_plugin_is_a_415_and_refuses_start_up(monkeypatch):
     data = encode(photo_like(128, 96), "HEIF", enc_params=ULTRAFAST, quality=50)
     monkeypatch.setattr(images, "heif_plugin_error", lambda: "ImportError: No module named 'pillow_heif'")
     error = refused(data)
-    assert error.status == 415 and "pillow_heif" in error.message and "HEIC" in error.message
+    assert error.kind == "unsupported_media_type" and "pillow_heif" in error.message and "HEIC" in error.message
     assert "HEIC" not in accepted_formats()
     with pytest.raises(ModelLoadError, match="HEIC/HEIF decoder"):
         LIMITS.apply_to_pillow()
@@ -169,7 +169,7 @@ def test_avif_rotation_is_applied_exactly_once():
 
 def test_truncated_avif_is_a_400():
     data = encode(photo_like(256, 192), "AVIF", quality=80)
-    assert refused(data[: len(data) // 2]).status == 400
+    assert refused(data[: len(data) // 2]).kind == "bad_input"
 
 
 # -- colour ----------------------------------------------------------------------------------------------
@@ -283,10 +283,10 @@ def siglip512(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedder(siglip512):
-    from runners.config import RunnerConfig
+    from embed_core.config import RunnerConfig
+    from embed_core.table import SERVICES
     from runners.images import ImageSettings
     from runners.siglip import SiglipEmbedder
-    from runners.table import SERVICES
 
     spec = SERVICES["siglip2_embed"]
     patch = pytest.MonkeyPatch()

@@ -68,7 +68,7 @@ def test_images_are_uploaded_as_files_in_order_and_sent_again_on_a_retry(tmp_pat
 
 def test_retry_after_is_honoured_as_sent_even_zero_and_a_bad_one_falls_back_to_the_backoff(monkeypatch):
     slept: list[float] = []
-    monkeypatch.setattr("embed_client.time.sleep", slept.append)
+    monkeypatch.setattr("embed_client.client.time.sleep", slept.append)
     waits = iter(["0", "2.5", "-3", "nan", "soon"])
 
     def answer(request: httpx.Request) -> httpx.Response:

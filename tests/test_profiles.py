@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from embed_core.table import SERVICES
 from embed_ops import launcher
 from embed_ops.profiles import PROFILES, estimate_weights, memory_warnings, per_gpu, profile_env
-from runners.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -278,12 +278,12 @@ def test_log_report_leads_with_the_first_error(tmp_path):
     log = tmp_path / "x.log"
     log.write_text(
         "starting\nTraceback (most recent call last):\n  File x\n"
-        "runners.errors.ModelLoadError: QWEN3_4B_EMBED_MODEL='/nope': no such directory\n"
+        "embed_core.errors.ModelLoadError: QWEN3_4B_EMBED_MODEL='/nope': no such directory\n"
         + "noise\n" * 40
         + "RuntimeError: No active process found for watcher.\n"
     )
     report = launcher.log_report(log)
-    cause = "runners.errors.ModelLoadError: QWEN3_4B_EMBED_MODEL='/nope': no such directory"
+    cause = "embed_core.errors.ModelLoadError: QWEN3_4B_EMBED_MODEL='/nope': no such directory"
     assert report[0] == f"    first error: {cause}"
     assert report[-1].endswith("RuntimeError: No active process found for watcher.")
     assert len(report) == 2 + launcher.LOG_TAIL_LINES

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from runners.config import QUANTIZATIONS, RunnerConfig
+from embed_core.config import QUANTIZATIONS, RunnerConfig
+from embed_core.errors import ModelLoadError
+from embed_core.table import SERVICES
 from runners.embedder import TextEmbedder
-from runners.errors import ModelLoadError
 from runners.int8 import Int8Linear, dequantizing_product, fused_cpu_product, int8_linear, quantize_weight
 from runners.loading import quantization_advice
 from runners.reranker import Reranker
 from runners.siglip import ImageSettings, SiglipEmbedder
-from runners.table import SERVICES
 
 TEXTS = ["an orange cat sleeps in the sun", "a black dog runs on the grass", "yes", "一只猫"]
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import uvloop
-from bentoml._internal.server.http import traffic
 
 from embed_http.clients import TimeoutMiddlewareReleasingTimer
 
@@ -128,16 +127,23 @@ def test_a_request_whose_task_is_cancelled_cancels_its_work_too(loop):
     assert LOOPS[loop](scenario()) == [True]
 
 
-def test_the_service_builds_its_timeout_from_the_releasing_class():
-    import service  # noqa: F401 - importing it installs the class
+def test_a_serving_worker_builds_its_timeout_from_the_releasing_class():
+    """In a fresh interpreter: a worker's start_serving() (service.py) installs the class; importing alone does not."""
+    script = (
+        "from bentoml._internal.server.http import traffic; import service; before = traffic.TimeoutMiddleware; "
+        "service.start_serving(); print(before.__name__, traffic.TimeoutMiddleware.__name__)"
+    )
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    assert found.stdout.split()[-2:] == ["TimeoutMiddleware", TimeoutMiddlewareReleasingTimer.__name__]
 
-    assert traffic.TimeoutMiddleware is TimeoutMiddlewareReleasingTimer
 
-
-def test_the_service_shortens_the_gil_switch_interval():
-    """In a fresh interpreter (importing the service sets it for the whole process): below Python's 5 ms, so
+def test_a_serving_worker_shortens_the_gil_switch_interval():
+    """In a fresh interpreter (start_serving() sets it for the whole worker process): below Python's 5 ms, so
     that a busy event loop does not hold the model's thread back at every torch operation (BENCHMARKS.md)."""
-    script = "import sys; default = sys.getswitchinterval(); import service; print(default, sys.getswitchinterval())"
+    script = (
+        "import sys; default = sys.getswitchinterval(); import service; service.start_serving(); "
+        "print(default, sys.getswitchinterval())"
+    )
     found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
     default, serving = map(float, found.stdout.split()[-2:])
     assert default == 0.005 and serving <= 0.001

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runners.config import RunnerConfig
-from runners.errors import ModelLoadError
+from embed_core.config import RunnerConfig
+from embed_core.errors import ModelLoadError
+from embed_core.table import SERVICES
 from runners.forward import read_checkpoint_rows
 from runners.reranker import Reranker
-from runners.table import SERVICES
 from tests.references import CARD_PREFIX, CARD_SUFFIX, DOCUMENTS, QUERY, card_format, card_scores
 
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from runners.table import RERANK_INSTRUCTION
+from embed_core.table import RERANK_INSTRUCTION
 from tests.conftest import serve
 from tests.references import DOCUMENTS, QUERY, card_scores, check_ranking_against_card
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runners.table import SERVICES
+from embed_core.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS, Served, serve_tiny
 from tests.pictures import encode, png_claiming, quadrants
 
@@ -61,8 +61,9 @@ assert len(base64.b64decode(LARGEST_PICTURE)) <= MAX_IMAGE_BYTES
 
 # What a required field of a request holds. Each kind has its own bad values (bad_requests) and its own
 # good ones (the pools of the load test).
-FieldKind = Literal["text", "document", "image", "texts", "documents", "images"]
-LIST_ITEMS: dict[str, FieldKind] = {"texts": "text", "documents": "document", "images": "image"}
+FieldKind = Literal["text", "document", "image", "texts", "documents", "images", "inputs"]
+# "inputs": TEI's, a list of texts that may also be one text (or token ids), so a string alone is no error there.
+LIST_ITEMS: dict[str, FieldKind] = {"texts": "text", "documents": "document", "images": "image", "inputs": "text"}
 
 
 class Count(int):
@@ -143,8 +144,22 @@ KIND_ENDPOINTS: dict[str, list[Endpoint]] = {
             fields={"texts": "texts"},
             options={"instruction": str},
         ),
+        Endpoint(
+            "/embed",  # TEI's (embed_http/tei.py)
+            {"inputs": ["an orange cat", "一只橙色的猫"]},
+            answer=lambda body: body,
+            fields={"inputs": "inputs"},
+            options={"prompt_name": str, "instruction": str},
+        ),
     ],
     "rerank": [
+        Endpoint(
+            "/rerank",  # TEI's, on the seed's path: told apart by `texts`
+            {"query": "an orange cat", "texts": ["an orange cat sleeps in the sun", "", "一只橙色的猫"]},
+            answer=lambda body: sorted([rank["index"], rank["score"]] for rank in body),
+            fields={"query": "text", "texts": "documents"},
+            options={"instruction": str, "raw_scores": bool, "return_text": bool},
+        ),
         Endpoint(
             "/rerank",
             {
@@ -570,6 +585,7 @@ VALUE_CASES: dict[str, Callable[[dict[str, Any], str], list[Case]]] = {
 }
 LIST_CASES: dict[str, Callable[[dict[str, Any], str], list[Case]]] = {
     "texts": text_list_cases,
+    "inputs": lambda good, name: [case for case in text_list_cases(good, name) if not case[0].endswith("a string")],
     "documents": lambda good, name: list_cases(good, name, "a cat", ITEM_LIMIT),
     "images": picture_list_cases,
 }

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runners.config import RunnerConfig
+from embed_core.config import RunnerConfig
+from embed_core.errors import ModelLoadError
+from embed_core.table import SERVICES
 from runners.embedder import TextEmbedder
-from runners.errors import ModelLoadError
-from runners.table import SERVICES
 from tests.references import close
 
 BGE = SERVICES["bge_embed"]

@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from runners.config import RunnerConfig
-from runners.errors import ModelLoadError, Overloaded
-from runners.table import SERVICES
+from embed_core.config import RunnerConfig
+from embed_core.errors import ModelLoadError, Overloaded
+from embed_core.table import SERVICES
 from tests.conftest import REPO, free_port, serve
 from tests.references import DOCUMENTS, QUERY, card_scores, check_ranking_against_card
 

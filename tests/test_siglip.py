@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from runners.config import RunnerConfig
-from runners.errors import InputError
+from embed_core.config import RunnerConfig
+from embed_core.errors import InputError
+from embed_core.table import SERVICES
 from runners.siglip import ImageSettings, SiglipEmbedder
-from runners.table import SERVICES
 from tests.conftest import HANG_GUARD_SECONDS
 from tests.pictures import encode, exif_rotated, quadrants, transparent_rgba
 from tests.references import SIGLIP_TEXTS as TEXTS
@@ -232,10 +232,10 @@ def test_limits_come_from_the_environment(make_siglip, siglip_dir):
     assert Image.MAX_IMAGE_PIXELS == 500
     with pytest.raises(InputError) as caught:
         embedder.check_image_count(4, "images")
-    assert caught.value.status == 413
+    assert caught.value.kind == "too_large"
     with pytest.raises(InputError) as caught:
         run(embedder.embed_images([encode(Image.new("RGB", (30, 30)), "PNG")]))
-    assert caught.value.status == 413 and "900" in caught.value.message
+    assert caught.value.kind == "too_large" and "900" in caught.value.message
 
 
 # -- a NaFlex SigLIP2 checkpoint (Siglip2Model, variable resolution) loads through the same Auto classes --

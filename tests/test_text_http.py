@@ -165,11 +165,14 @@ def test_a_missing_model_stops_start_up_with_a_message_naming_the_variable(tmp_p
 
 
 def test_requests_keep_fresh_trace_ids_but_record_no_spans_without_an_exporter(bge):
-    """BentoML would record a span per request even with tracing off; here none is recorded (service.py:
-    record_spans_only_when_exported), while the access log still gets a fresh trace id per request."""
+    """BentoML would record a span per request even with tracing off; here none is recorded (a worker's
+    start_serving() calls record_spans_only_when_exported), while the access log still gets a fresh trace id per
+    request."""
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    import service  # noqa: F401 - importing it is what sets the provider
+    from embed_http.openapi import record_spans_only_when_exported
+
+    record_spans_only_when_exported()
 
     span = BentoMLContainer.tracer_provider.get().get_tracer("test").start_span("request")
     assert not span.is_recording() and span.get_span_context().is_valid

@@ -2,19 +2,65 @@
 
 Every knob is `<SEED NAME>_<KEY>` for one service (e.g. QWEN3_8B_EMBED_QUANTIZATION), falling
 back to `EMBED_<KEY>` for all services, then to the default given here or in the table.
+Numbers are read by one helper, env_number, for the services, the supervisor and the HTTP layer alike.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ModelLoadError
 from .table import POOLING_NAMES, QUANTIZATIONS, ServiceSpec
 
-# QUANTIZATIONS (runners/table.py): int8 is weight-only int8 (runners/int8.py); bnb-int8 bitsandbytes'
+# QUANTIZATIONS (embed_core/table.py): int8 is weight-only int8 (runners/int8.py); bnb-int8 bitsandbytes'
 # LLM.int8(); nf4 bitsandbytes 4-bit; fp8 FP8 weights and activations (runners/fp8.py). README.md compares them.
+
+
+Number = TypeVar("Number", int, float)
+
+# Parts of a hub repository no service reads (other formats, the diffusion parts of a pipeline): the loader and
+# embed_ops.download both skip them.
+HUB_IGNORE = ("*.onnx", "onnx/*", "openvino/*", "*.msgpack", "*.h5", "*.ot", "transformer/*", "vae/*", "*.gguf")
+
+
+class SettingError(ValueError):
+    """A setting that is not a number, or below its minimum; the message names the variable."""
+
+
+def env_number(
+    raw: str | None,
+    name: str,
+    default: Number,
+    *,
+    parse: type[Number],
+    minimum: Number | None = None,
+    above: Number | None = None,
+) -> Number:
+    """`raw` (an environment variable's value, None or blank for unset) as a number of type `parse`: at least
+    `minimum`, or more than `above`. `name` is what the message calls it (e.g. `EMBED_READ_TIMEOUT`)."""
+    raw = (raw or "").strip()
+    if not raw:
+        return default
+    kind = "an integer" if parse is int else "a number"
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise SettingError(f"{name} must be {kind}, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise SettingError(f"{name} must be >= {minimum:g}, got {raw}")
+    if above is not None and not value > above:
+        raise SettingError(f"{name} must be {kind} > {above:g}, got {raw!r}")
+    return value
+
+
+def environ_number(
+    env: Mapping[str, str], name: str, default: Number, *, parse: type[Number], **bounds: Number
+) -> Number:
+    """env_number for the variable `name` of `env` (os.environ or a process's own environment)."""
+    return env_number(env.get(name), name, default, parse=parse, **bounds)
 
 
 def setting(spec: ServiceSpec, key: str, default: str | None = None) -> str | None:
@@ -26,16 +72,11 @@ def setting(spec: ServiceSpec, key: str, default: str | None = None) -> str | No
 
 
 def int_setting(spec: ServiceSpec, key: str, default: int, minimum: int = 1) -> int:
-    raw = setting(spec, key)
-    if raw is None:
-        return default
+    name = f"{spec.env_prefix}_{key} (or EMBED_{key})"
     try:
-        value = int(raw)
-    except ValueError:
-        raise ModelLoadError(f"{spec.env_prefix}_{key} (or EMBED_{key}) must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ModelLoadError(f"{spec.env_prefix}_{key} (or EMBED_{key}) must be >= {minimum}, got {value}")
-    return value
+        return env_number(setting(spec, key), name, default, parse=int, minimum=minimum)
+    except SettingError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 @dataclass(frozen=True)
