@@ -78,6 +78,10 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|%)?\s*$", re.IGNORECASE
 _UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
+class NoCard(ValueError):
+    """A budget given as a fraction of the card, where no card is known."""
+
+
 def parse_budget(text: str, card_bytes: int | None) -> int:
     """`24GiB`, `24GB`, `24000MiB` (a size), `0.9` or `90%` (of the card: `card_bytes`). Raises ValueError."""
     match = _SIZE.match(text)

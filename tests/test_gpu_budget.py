@@ -279,3 +279,75 @@ def test_a_load_that_can_never_fit_is_a_503_naming_the_budget_and_the_next_reque
         holder.close()
 
     asyncio.run(main())
+
+
+# -- the launcher: start_embed_server.sh --gpu-memory -------------------------------------------------------
+
+CLEAN = {
+    "EMBED_GPU_MEMORY": "",
+    "EMBED_GPU_BUDGET_DIR": "",
+    "EMBED_QUANTIZATION": "",
+    "EMBED_IDLE_UNLOAD_SECONDS": "",
+    "EMBED_DEVICE": "",
+    **{f"{spec.env_prefix}_{key}": "" for spec in SERVICES.values() for key in ("IDLE_UNLOAD_SECONDS", "DEVICE")},
+    **{spec.quantization_env: "" for spec in SERVICES.values()},
+}
+
+
+def plan(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "embed_ops.launcher", "plan", "--run-dir", str(tmp_path / "run"), *args]
+    return subprocess.run(command, cwd=REPO, env={**os.environ, **CLEAN, **env}, capture_output=True, text=True)
+
+
+def exported(result: subprocess.CompletedProcess) -> dict[str, str]:
+    return dict(line.split("\t")[1:3] for line in result.stdout.splitlines() if line.startswith("env\t"))
+
+
+def test_the_all_profile_fits_a_24_gib_card_with_its_idle_unloading(tmp_path):
+    result = plan(tmp_path, "--profile", "all", "--gpu-memory", "24GiB")
+    assert result.returncode == 0, result.stderr
+    env = exported(result)
+    assert env["EMBED_GPU_MEMORY"] == "24GiB" and env["EMBED_GPU_BUDGET_DIR"] == str(tmp_path / "run" / "gpu-budget")
+    assert all(env[f"{spec.env_prefix}_IDLE_UNLOAD_SECONDS"] == "300" for spec in SERVICES.values())
+    assert "GPU 0: budget 25.8 GB; siglip2_embed 3.3 GB (unloads when idle)" in result.stderr
+
+
+def test_a_combination_that_cannot_fit_is_refused_before_anything_starts_with_each_services_figure(tmp_path):
+    high = plan(tmp_path, "--profile", "high", "--gpu-memory", "12GB")
+    assert high.returncode == 2 and "\tstart" not in high.stdout
+    assert "REFUSED: the GPU memory budget of GPU 0 (12.0 GB) cannot hold these services" in high.stderr
+    for figure in ("siglip2_embed 3.3 GB (none, always loaded", "qwen3_8b_embed 9.0 GB (int8, always loaded"):
+        assert figure in high.stderr
+    # The user's setting beats the profile's: one 8B service that never unloads, and the other must fit beside it.
+    pinned = plan(tmp_path, "--profile", "all", "--gpu-memory", "17GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
+    assert pinned.returncode == 2 and "qwen3_8b_embed 9.0 GB (int8, always loaded" in pinned.stderr
+    assert (
+        plan(tmp_path, "--profile", "all", "--gpu-memory", "18GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0").returncode
+        == 0
+    )
+
+
+def test_a_fraction_of_the_card_is_taken_of_what_nvidia_smi_reports(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\nprintf "0, 24564\\n"\n')  # a 24 GB card, in MiB
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    result = plan(tmp_path, "--profile", "all", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    assert exported(result)["EMBED_GPU_MEMORY"] == "0.9"  # the profile's
+    assert f"GPU 0: budget {0.9 * 24564 * 2**20 / 1e9:.1f} GB" in result.stderr
+
+
+def test_the_start_script_passes_its_budget_and_stops_on_a_refusal(tmp_path):
+    env = {**os.environ, **CLEAN, "EMBED_RUN_DIR": str(tmp_path / "run"), "EMBED_LOG_DIR": str(tmp_path / "logs")}
+    result = subprocess.run(
+        ["bash", str(REPO / "start_embed_server.sh"), "--profile", "high", "--gpu-memory", "12GB"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and "REFUSED" in result.stderr and "starting" not in result.stdout
+    malformed = subprocess.run(
+        ["bash", str(REPO / "start_embed_server.sh"), "--profile", "high", "--gpu-memory=lots"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert malformed.returncode != 0 and "EMBED_GPU_MEMORY='lots': not a size" in malformed.stderr
+    assert "starting" not in malformed.stdout
