@@ -40,6 +40,9 @@ EVICTION_FRESH_SECONDS = 3.0
 # benchmark (bench/memory.py) measures a service on a GPU and MEASURED holds its figure.
 BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "int8": 1.0, "bnb-int8": 1.0, "fp8": 1.0, "nf4": 0.5}
 OVERHEAD_GB = 1.0
+# What a process keeps on the GPU after unloading its model: its CUDA context (an estimate as well). An unloaded
+# service's entry keeps this much reserved, so six processes' contexts are counted, not only the loaded models.
+CONTEXT_GB = 0.5
 ESTIMATE_NOTE = "an estimate (parameters x bytes per parameter, +1 GB for the CUDA context and activations)"
 
 
@@ -100,12 +103,18 @@ def parse_budget(text: str, card_bytes: int | None) -> int:
     return int(number * _UNITS[unit.removesuffix("b")])
 
 
+def least_needed(figures: list[Figure], pinned: set[str]) -> tuple[int, int, int]:
+    """(the pinned services' bytes, the largest one that unloads, the CUDA contexts of the others that unload)."""
+    always = sum(figure.bytes for figure in figures if figure.seed_name in pinned)
+    unloading = [figure.bytes for figure in figures if figure.seed_name not in pinned]
+    contexts = max(len(unloading) - 1, 0) * int(CONTEXT_GB * 1e9)
+    return always, max(unloading, default=0), contexts
+
+
 def fits_with_idle_unloaded(figures: list[Figure], pinned: set[str], budget: int) -> bool:
     """Can every service load, with every model that unloads when idle unloaded but the one loading? The pinned
-    ones (no idle unloading) are always loaded."""
-    always = sum(figure.bytes for figure in figures if figure.seed_name in pinned)
-    largest = max((figure.bytes for figure in figures if figure.seed_name not in pinned), default=0)
-    return always + largest <= budget
+    ones (no idle unloading) are always loaded; the unloaded ones keep their CUDA context."""
+    return sum(least_needed(figures, pinned)) <= budget
 
 
 def describe_figures(figures: list[Figure], pinned: set[str], budget: int, where: str) -> str:
@@ -114,12 +123,12 @@ def describe_figures(figures: list[Figure], pinned: set[str], budget: int, where
         f"{'always loaded' if figure.seed_name in pinned else 'unloads when idle'}; {figure.source})"
         for figure in figures
     ]
-    always = sum(figure.bytes for figure in figures if figure.seed_name in pinned)
-    largest = max((figure.bytes for figure in figures if figure.seed_name not in pinned), default=0)
+    always, largest, contexts = least_needed(figures, pinned)
     return (
         f"the GPU memory budget of {where} ({budget / 1e9:.1f} GB) cannot hold these services even with every idle "
-        f"model unloaded: the always-loaded ones ({always / 1e9:.1f} GB) and the largest one that unloads "
-        f"({largest / 1e9:.1f} GB) need {(always + largest) / 1e9:.1f} GB. Per service: {'; '.join(parts)}. "
+        f"model unloaded: the always-loaded ones ({always / 1e9:.1f} GB), the largest one that unloads "
+        f"({largest / 1e9:.1f} GB) and the CUDA contexts of the other unloaded ones ({contexts / 1e9:.1f} GB) need "
+        f"{(always + largest + contexts) / 1e9:.1f} GB. Per service: {'; '.join(parts)}. "
         "Set <NAME>_IDLE_UNLOAD_SECONDS for more of them, quantize (<NAME>_QUANTIZATION=int8|nf4), pick a lighter "
         "profile, or give a larger --gpu-memory"
     )
@@ -142,7 +151,7 @@ class Entry:
     bytes: int
     pinned: bool
     started: float  # the process's start time: a pid the system reused for another process is not this one
-    state: str = "loading"  # loading | loaded
+    state: str = "loading"  # loading | loaded | unloaded (its CUDA context only)
     last_used: float = 0.0  # wall-clock time of the last request (for least-recently-used)
     serving: bool = False  # a request was in flight at the last look
     evict_at: float = 0.0  # when a waiting service last asked this one to unload
@@ -226,12 +235,13 @@ class Ledger:
             if used + nbytes <= self.budget:
                 entries[me] = Entry(name, nbytes, pinned, self.started, last_used=self._clock())
                 return None
-            unmovable = sum(entry.bytes for entry in entries.values() if entry.pinned)
+            fixed = [entry for entry in entries.values() if entry.pinned or entry.state == "unloaded"]
+            unmovable = sum(entry.bytes for entry in fixed)
             if unmovable + nbytes > self.budget:
-                others = ", ".join(f"{e.name} {e.bytes / 1e9:.1f} GB" for e in entries.values() if e.pinned)
+                others = ", ".join(f"{e.name} {e.bytes / 1e9:.1f} GB" for e in fixed)
                 raise NeverFits(
                     f"{name} needs {nbytes / 1e9:.1f} GB of the {self.budget / 1e9:.1f} GB budget, and the services "
-                    f"that never unload hold {unmovable / 1e9:.1f} GB ({others})"
+                    f"that never unload (or their CUDA contexts, unloaded) hold {unmovable / 1e9:.1f} GB ({others})"
                 )
             idle = sorted(
                 (e for e in entries.values() if not e.pinned and e.state == "loaded" and not e.serving),
@@ -269,9 +279,13 @@ class Ledger:
             if entry is not None:
                 entry.state = "loaded"
 
-    def release(self) -> None:
+    def release(self, keep: int = 0) -> None:
+        """Give the reservation back, all of it or (an unload: the process keeps its CUDA context) all but `keep`."""
         with self._entries() as entries:
-            entries.pop(str(self.pid), None)
+            entry = entries.pop(str(self.pid), None)
+            if entry is not None and keep:
+                entry.bytes, entry.state, entry.serving = keep, "unloaded", False
+                entries[str(self.pid)] = entry
 
     def publish(self, serving: bool, last_used: float) -> bool:
         """Record whether a request is in flight and when the last one ended; returns whether a waiting service
@@ -299,7 +313,7 @@ class ServiceBudget:
         self.ledger.mark_loaded()
 
     def release(self) -> None:
-        self.ledger.release()
+        self.ledger.release(keep=int(CONTEXT_GB * 1e9))
 
     def publish(self, serving: bool, last_used: float) -> bool:
         return self.ledger.publish(serving, last_used)

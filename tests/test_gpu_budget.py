@@ -19,6 +19,7 @@ import pytest
 
 from runners.errors import Overloaded
 from runners.gpu_budget import (
+    CONTEXT_GB,
     EVICTION_FRESH_SECONDS,
     GIB,
     BudgetFull,
@@ -239,7 +240,8 @@ def test_a_load_into_a_full_budget_unloads_the_idle_service_but_never_one_servin
         assert await a.answer_budget()  # idle now: unloads, and gives its share back
         assert a.state == "unloaded"
         assert await waiting == [4] and builds_b.count == 1
-        assert {entry.name for entry in b_ledger.entries().values()} == {"b"}
+        held = {entry.name: (entry.state, entry.bytes) for entry in b_ledger.entries().values()}
+        assert held == {"a": ("unloaded", CONTEXT_GB * GB), "b": ("loaded", 9 * GB)}  # a keeps its CUDA context
         # a's next request finds b idle, and b goes in its turn
         again = asyncio.ensure_future(a.embed(["ab"]))
         await until_asked(b)
@@ -318,13 +320,13 @@ def test_a_combination_that_cannot_fit_is_refused_before_anything_starts_with_ea
     assert "REFUSED: the GPU memory budget of GPU 0 (12.0 GB) cannot hold these services" in high.stderr
     for figure in ("siglip2_embed 3.3 GB (none, always loaded", "qwen3_8b_embed 9.0 GB (int8, always loaded"):
         assert figure in high.stderr
-    # The user's setting beats the profile's: one 8B service that never unloads, and the other must fit beside it.
-    pinned = plan(tmp_path, "--profile", "all", "--gpu-memory", "17GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
+    # The user's setting beats the profile's: one 8B service never unloads; the largest other one must fit beside it,
+    # with the CUDA contexts of the four more that unload: 9 + 9 + 4 x 0.5 GB.
+    pinned = plan(tmp_path, "--profile", "all", "--gpu-memory", "19.9GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
     assert pinned.returncode == 2 and "qwen3_8b_embed 9.0 GB (int8, always loaded" in pinned.stderr
-    assert (
-        plan(tmp_path, "--profile", "all", "--gpu-memory", "18GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0").returncode
-        == 0
-    )
+    assert "contexts of the other unloaded ones (2.0 GB) need 20.0 GB" in pinned.stderr
+    fits = plan(tmp_path, "--profile", "all", "--gpu-memory", "20GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
+    assert fits.returncode == 0, fits.stderr
 
 
 def test_a_fraction_of_the_card_is_taken_of_what_nvidia_smi_reports(tmp_path):
