@@ -8,6 +8,7 @@ import asyncio
 import errno
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,50 @@ def test_a_checkpoint_deleted_behind_a_valid_entry_is_a_503_naming_it_then_serve
         assert await holder.embed(TEXTS) == expected
 
     asyncio.run(main())
+
+
+# -- served -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def int8_served(tmp_path_factory):
+    """MiniLM (`demo`) at int8, its weight cache in a fresh directory, BGE_EMBED_IDLE_UNLOAD_SECONDS=2."""
+    from tests.conftest import serve
+
+    directory = tmp_path_factory.mktemp("serve-int8-cache")
+    env = {
+        "BGE_EMBED_MODEL": "demo",
+        "BGE_EMBED_QUANTIZATION": "int8",
+        "BGE_EMBED_IDLE_UNLOAD_SECONDS": "2",
+        "EMBED_WEIGHT_CACHE": str(directory / "weights"),
+    }
+    for served in serve("BgeEmbed", env, directory / "bentoml.log"):
+        yield served, directory / "weights"
+
+
+@pytest.mark.serve
+def test_a_served_int8_service_writes_its_entry_and_reloads_from_it_with_the_same_answers(int8_served):
+    """The service's own path (service.py, hold_runner, the idle timer): the entry is written at start-up, an idle
+    unload and a request read it back (it is not written again), a corrupt one is rebuilt, and every answer is the
+    same. States, not times."""
+    served, directory = int8_served
+    (entry,) = entries(directory)
+    first = served.post("/embed/texts", json={"texts": TEXTS})
+    assert first.status_code == 200, first.text
+
+    def reload(damage: Callable[[Path], None] | None) -> None:
+        reloads = served.get("/health").json()["reloads"]
+        served.gate.wait_until(lambda: served.get("/health").json()["model_state"] == "unloaded", "the idle unload")
+        if damage is not None:
+            damage(entry)
+        again = served.post("/embed/texts", json={"texts": TEXTS})
+        assert again.status_code == 200, again.text
+        assert again.json()["embeddings"] == first.json()["embeddings"]
+        assert served.get("/health").json()["reloads"] > reloads
+
+    written = entry.stat()
+    reload(None)
+    assert (entry.stat().st_ino, entry.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # read, not rebuilt
+    reload(corrupt_one_byte)
+    assert "fails its checksum; quantizing the checkpoint again" in served.log_path.read_text()
+    assert entry.stat().st_ino != written.st_ino and entries(directory) == [entry]  # rebuilt in place, by a rename
