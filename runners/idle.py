@@ -180,6 +180,8 @@ class IdleUnloading(Generic[R]):
             described["last_load_seconds"] = round(self.last_load_seconds, 3)
         if self.load_error is not None:
             described["load_error"] = self.load_error
+        if self._budget is not None:  # what this service reserves of EMBED_GPU_MEMORY while loaded
+            described["gpu_budget_gb"] = round(self._budget.figure.gigabytes, 2)
         return described
 
     def close(self) -> None:

@@ -240,6 +240,7 @@ def test_a_load_into_a_full_budget_unloads_the_idle_service_but_never_one_servin
         assert await a.answer_budget()  # idle now: unloads, and gives its share back
         assert a.state == "unloaded"
         assert await waiting == [4] and builds_b.count == 1
+        assert b.describe()["gpu_budget_gb"] == 9.0 and a.describe()["model_state"] == "unloaded"  # /health
         held = {entry.name: (entry.state, entry.bytes) for entry in b_ledger.entries().values()}
         assert held == {"a": ("unloaded", CONTEXT_GB * GB), "b": ("loaded", 9 * GB)}  # a keeps its CUDA context
         # a's next request finds b idle, and b goes in its turn
