@@ -5,6 +5,7 @@
 #   ./start_embed_server.sh --profile demo         a profile (--help lists them, from embed_ops/profiles.py)
 #   ./start_embed_server.sh qwen3_8b_embed bge_embed   the services named
 #   ./start_embed_server.sh ... --detach           start, wait for /health, return (services keep running)
+#   ./start_embed_server.sh ... --gpu-memory 24GiB a GPU memory budget the services share (or 0.9 of the card)
 #   ./start_embed_server.sh status | stop [NAME...]
 #
 # Services, ports, classes, profiles and the memory estimate come from runners/ through
@@ -39,12 +40,15 @@ case "${1:-}" in
     start | stop | status) command="$1"; shift ;;
 esac
 profile=""
+gpu_memory=""
 detach=0
 names=()
 while (($#)); do
     case "$1" in
         --profile) profile="${2:?--profile needs a name}"; shift 2 ;;
         --profile=*) profile="${1#*=}"; shift ;;
+        --gpu-memory) gpu_memory="${2:?--gpu-memory needs a size (24GiB) or a fraction of the card (0.9)}"; shift 2 ;;
+        --gpu-memory=*) gpu_memory="${1#*=}"; shift ;;
         -d | --detach) detach=1; shift ;;
         -h | --help) usage; exit 0 ;;
         -*) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
@@ -58,7 +62,8 @@ case "$command" in
 esac
 
 mkdir -p "$LOG_DIR" "$RUN_DIR"
-plan="$(launcher plan --run-dir "$RUN_DIR" ${profile:+--profile "$profile"} "${names[@]}")" || exit $?
+plan="$(launcher plan --run-dir "$RUN_DIR" ${profile:+--profile "$profile"} ${gpu_memory:+--gpu-memory "$gpu_memory"} \
+    "${names[@]}")" || exit $?
 
 started=()          # what this run started: the only services Ctrl-C stops
 waiting=()

@@ -98,6 +98,8 @@ class RunnerConfig:
     compile: str = "auto"  # torch.compile the packed layers: auto (on GPUs) | 1 | 0
     idle_unload_seconds: int = 0  # unload the model after this long without a request (runners/idle.py); 0: never
     load_wait_seconds: int = 300  # a request waits this long for a model loading again, then gets a 503
+    weight_cache: str = ""  # where quantized weights are kept (runners/weight_cache.py): a directory, "off", "" default
+    gpu_memory: str = ""  # EMBED_GPU_MEMORY: the GPU memory budget the services share (runners/gpu_budget.py)
 
     def compiles_on(self, device: Any) -> bool:
         """EMBED_COMPILE: 1 always, 0 never, auto on GPUs only (compiling costs start-up time; the fused
@@ -129,4 +131,6 @@ class RunnerConfig:
             compile=(setting(spec, "COMPILE", "auto") or "auto").lower(),
             idle_unload_seconds=int_setting(spec, "IDLE_UNLOAD_SECONDS", 0, minimum=0),
             load_wait_seconds=int_setting(spec, "LOAD_WAIT_SECONDS", 300),
+            weight_cache=setting(spec, "WEIGHT_CACHE", "") or "",
+            gpu_memory=setting(spec, "GPU_MEMORY", "") or "",
         )

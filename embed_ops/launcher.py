@@ -5,7 +5,7 @@ ports, profiles, the memory estimate) and everything that decides whether a proc
 started comes from here, so nothing is written down twice.
 
     python -m embed_ops.launcher usage  (start_embed_server.sh --help, its profiles from the table)
-    python -m embed_ops.launcher plan   --run-dir D [--profile NAME | SERVICE...]
+    python -m embed_ops.launcher plan   --run-dir D [--gpu-memory SIZE] [--profile NAME | SERVICE...]
     python -m embed_ops.launcher wait   --run-dir D --log-dir L --timeout S SERVICE...
     python -m embed_ops.launcher status --run-dir D --log-dir L
     python -m embed_ops.launcher stop   --run-dir D [SERVICE...]
@@ -44,6 +44,7 @@ from . import supervisor
 from .profiles import (
     DEFAULT_PROFILE,
     PROFILES,
+    check_budget,
     describe_estimate,
     estimate_weights,
     free_gpu_memory,
@@ -52,6 +53,7 @@ from .profiles import (
     profile_env,
     profile_for,
     service_port,
+    total_gpu_memory,
 )
 from .sharing import shared_model_env
 
@@ -293,7 +295,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     estimates = estimate_weights(names)
     totals = per_gpu(estimates)
-    if totals:
+    gpu_memory = budget_setting(args, profile, env)
+    if totals and gpu_memory:
+        try:
+            notes, refusals = check_budget(names, gpu_memory, total_gpu_memory())
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        if refusals:
+            say(*(f"REFUSED: {refusal}" for refusal in refusals))
+            return 2
+        say(*notes)
+    elif totals:
         say(*describe_estimate(estimates))
         say(*(f"WARNING: {warning}" for warning in memory_warnings(totals, free_gpu_memory())))
 
@@ -317,6 +329,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
             continue
         print(f"service\t{name}\t{spec.class_name}\t{port}\tstart")
     return 0
+
+
+def budget_setting(args: argparse.Namespace, profile: Any, env: dict[str, str]) -> str:
+    """The GPU memory budget (--gpu-memory, else EMBED_GPU_MEMORY, else the profile's), exported to the services with
+    the ledger's directory under the run directory; "" when there is none."""
+    gpu_memory = args.gpu_memory or os.environ.get("EMBED_GPU_MEMORY", "").strip() or (profile and profile.gpu_memory)
+    if not gpu_memory:
+        return ""
+    exported = {"EMBED_GPU_MEMORY": gpu_memory}
+    if not os.environ.get("EMBED_GPU_BUDGET_DIR", "").strip():
+        exported["EMBED_GPU_BUDGET_DIR"] = str((args.run_dir / "gpu-budget").resolve())
+    for key, value in exported.items():
+        if env.get(key) != value:
+            print(f"env\t{key}\t{value}")
+    os.environ.update(exported)
+    return gpu_memory
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -465,7 +493,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 USAGE = """\
-Usage: ./start_embed_server.sh [start] [--profile NAME | SERVICE...] [--detach]
+Usage: ./start_embed_server.sh [start] [--profile NAME | SERVICE...] [--gpu-memory SIZE] [--detach]
        ./start_embed_server.sh status
        ./start_embed_server.sh stop [SERVICE...]
 
@@ -476,6 +504,9 @@ restarts it when it dies, waits until every /health answers, and prints a table 
   --profile NAME        a profile (below)
   SERVICE...            the services named:
 {services}
+  --gpu-memory SIZE     a GPU memory budget for the services (24GiB, 22GB, or 0.9 of the card): refused if
+                        they cannot fit even with every idle model unloaded; when one must load and the
+                        budget is full, the least recently used idle one unloads first (README, "GPU budget")
   -d, --detach          start, wait for /health, return; the services keep running
   status                what the script started, and whether /health answers
   stop [SERVICE...]     stop what the script started (all, or those named)
@@ -513,6 +544,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     plan = commands.add_parser("plan", help="what to start (for start_embed_server.sh)")
     plan.add_argument("--profile", choices=list(PROFILES))
+    plan.add_argument("--gpu-memory", default="", help="GPU memory budget: 24GiB, 22GB, or 0.9 (of the card)")
     plan.add_argument("services", nargs="*")
 
     wait = commands.add_parser("wait", help="wait for /health, report failures, print the table")

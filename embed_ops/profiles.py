@@ -8,16 +8,25 @@ image-management system always needs its image embeddings, and it costs ~2.3 GB.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from embed_core.config import QUANTIZATIONS, setting
+from embed_core.memory import (
+    BYTES_PER_PARAM,
+    Figure,
+    NoCard,
+    describe_figures,
+    fits_with_idle_unloaded,
+    parse_budget,
+)
+from embed_core.memory import ESTIMATE_NOTE as BUDGET_ESTIMATE_NOTE
+from embed_core.memory import service_figure as budget_figure
 from embed_core.table import SERVICES, ServiceSpec, spec_for
 
-# Bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1 byte per parameter). An estimate:
-# the quantized modes keep the embeddings and norms in bf16, and activations and the CUDA context come on
-# top; bench/gpu_quantization.py measures the real peak (BENCHMARKS.md: not yet measured on a GPU).
-BYTES_PER_PARAM: dict[str, float] = {"none": 2.0, "int8": 1.0, "bnb-int8": 1.0, "fp8": 1.0, "nf4": 0.5}
+# BYTES_PER_PARAM (runners/gpu_budget.py): bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1
+# byte per parameter). An estimate: the quantized modes keep the embeddings and norms in bf16, and activations and
+# the CUDA context come on top; bench/memory.py measures them on a GPU (BENCHMARKS.md: not yet measured).
 ESTIMATE_NOTE = "an estimate (parameters x bytes per parameter), not yet measured on a GPU"
 assert set(BYTES_PER_PARAM) == set(QUANTIZATIONS)
 
@@ -35,6 +44,10 @@ class Profile:
     # Checkpoints a profile runs instead of the table's (hub ids, downloaded by `embed_ops.download --profile`);
     # the user's <NAME>_MODEL still wins.
     models: Mapping[str, str] = field(default_factory=dict)
+    # <NAME>_IDLE_UNLOAD_SECONDS for each of its services (0: the service's own default, off), and the GPU memory
+    # budget (EMBED_GPU_MEMORY: runners/gpu_budget.py) the profile runs under unless --gpu-memory gives one.
+    idle_unload_seconds: int = 0
+    gpu_memory: str = ""
 
 
 PROFILES: dict[str, Profile] = {
@@ -57,7 +70,14 @@ PROFILES: dict[str, Profile] = {
             ("siglip2_embed", "qwen3_4b_embed", "qwen3_4b_rerank"),
             "轻量: SigLIP2 + Qwen3-4B embeddings + Qwen3-4B reranker (both on Z-Image-Turbo's text encoder)",
         ),
-        Profile("all", tuple(SERVICES), "all six services, with the table's quantization"),
+        Profile(
+            "all",
+            tuple(SERVICES),
+            "all six services, with the table's quantization; each unloads after 5 idle minutes, and within 90% of "
+            "the card the least recently used idle one unloads when another must load",
+            idle_unload_seconds=300,
+            gpu_memory="0.9",
+        ),
         Profile(
             "demo",
             ("bge_embed",),
@@ -98,6 +118,11 @@ def profile_env(profile: Profile | None, environ: Mapping[str, str]) -> dict[str
         spec = spec_for(seed_name)
         if not environ.get(spec.quantization_env, "").strip() and not environ.get("EMBED_QUANTIZATION", "").strip():
             env[spec.quantization_env] = quantization
+    if profile.idle_unload_seconds and not environ.get("EMBED_IDLE_UNLOAD_SECONDS", "").strip():
+        for seed_name in profile.services:
+            name = f"{spec_for(seed_name).env_prefix}_IDLE_UNLOAD_SECONDS"
+            if not environ.get(name, "").strip():
+                env[name] = str(profile.idle_unload_seconds)
     return env
 
 
@@ -170,11 +195,17 @@ def memory_warnings(totals: dict[str, float], free_bytes: dict[str, int]) -> lis
 
 def free_gpu_memory() -> dict[str, int]:
     """Free bytes per GPU index as torch numbers them; {} when no GPU (or no way to ask) is found."""
-    free = _free_from_nvidia_smi(os.environ)
-    return free if free is not None else _free_from_torch()
+    free = _from_nvidia_smi(os.environ)
+    return free if free is not None else _from_torch(lambda index: _torch().cuda.mem_get_info(index)[0])
 
 
-def _free_from_nvidia_smi(environ: Mapping[str, str]) -> dict[str, int] | None:
+def total_gpu_memory() -> dict[str, int]:
+    """Each GPU's memory in bytes (what a budget given as a fraction of the card is taken of)."""
+    total = _from_nvidia_smi(os.environ, "memory.total")
+    return total if total is not None else _from_torch(lambda index: _torch().cuda.mem_get_info(index)[1])
+
+
+def _from_nvidia_smi(environ: Mapping[str, str], field: str = "memory.free") -> dict[str, int] | None:
     import shutil
     import subprocess
 
@@ -182,7 +213,7 @@ def _free_from_nvidia_smi(environ: Mapping[str, str]) -> dict[str, int] | None:
         return None
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", f"--query-gpu=index,{field}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -205,13 +236,18 @@ def _free_from_nvidia_smi(environ: Mapping[str, str]) -> dict[str, int] | None:
     return {str(logical): physical[item] for logical, item in enumerate(ids) if item in physical}
 
 
-def _free_from_torch() -> dict[str, int]:
-    try:
-        import torch
+def _torch():  # noqa: ANN202 - the module, imported only when asked
+    import torch
 
+    return torch
+
+
+def _from_torch(per_index: Callable[[int], int]) -> dict[str, int]:
+    try:
+        torch = _torch()
         if not torch.cuda.is_available():
             return {}
-        return {str(index): torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())}
+        return {str(index): per_index(index) for index in range(torch.cuda.device_count())}
     except Exception:  # no torch, a broken driver: no estimate to compare with, and no reason to stop
         return {}
 
@@ -222,3 +258,45 @@ def describe_estimate(estimates: list[WeightEstimate]) -> list[str]:
         parts = ", ".join(f"{e.seed_name} {e.gigabytes:.1f} ({e.quantization})" for e in estimates if e.device == index)
         lines.append(f"GPU {index}: ~{total:.1f} GB of weights: {parts}; {ESTIMATE_NOTE}")
     return lines
+
+
+# -- the GPU memory budget (runners/gpu_budget.py) ------------------------------------------------------
+
+
+def budget_figures(seed_names: list[str]) -> dict[str, list[Figure]]:
+    """Each GPU's services with their budget figure (measured, else estimated), by the environment's settings."""
+    by_gpu: dict[str, list[Figure]] = {}
+    for estimate in estimate_weights(seed_names):
+        spec = spec_for(estimate.seed_name)
+        if estimate.device != "cpu" and not os.environ.get(spec.model_host_env, "").strip():  # sharers load nothing
+            figure = budget_figure(spec.seed_name, estimate.quantization, spec.params_billion)
+            by_gpu.setdefault(estimate.device, []).append(figure)
+    return by_gpu
+
+
+def pinned_services(seed_names: list[str]) -> set[str]:
+    """The services that never unload (no <NAME>_IDLE_UNLOAD_SECONDS): always loaded, never asked to make room."""
+    return {name for name in seed_names if (setting(spec_for(name), "IDLE_UNLOAD_SECONDS", "0") or "0") in ("0", "")}
+
+
+def check_budget(seed_names: list[str], gpu_memory: str, card_bytes: dict[str, int]) -> tuple[list[str], list[str]]:
+    """(notes, refusals) for these services under the budget: a refusal per GPU whose budget cannot hold them even
+    with every idle model unloaded, with the figures; a note where the budget cannot be checked here."""
+    notes, refusals = [], []
+    pinned = pinned_services(seed_names)
+    for index, figures in sorted(budget_figures(seed_names).items()):
+        try:
+            budget = parse_budget(gpu_memory, card_bytes.get(index))
+        except NoCard:
+            notes.append(f"GPU {index}: no card found here to take {gpu_memory} of; the services check it as they load")
+            continue
+        if not fits_with_idle_unloaded(figures, pinned, budget):
+            refusals.append(describe_figures(figures, pinned, budget, f"GPU {index}"))
+            continue
+        held = ", ".join(
+            f"{f.seed_name} {f.gigabytes:.1f} GB ({'always loaded' if f.seed_name in pinned else 'unloads when idle'})"
+            for f in figures
+        )
+        source = "measured" if all(f.source != "estimate" for f in figures) else BUDGET_ESTIMATE_NOTE
+        notes.append(f"GPU {index}: budget {budget / 1e9:.1f} GB; {held}; figures: {source}")
+    return notes, refusals

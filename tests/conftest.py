@@ -20,6 +20,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# The int8 weight cache (runners/weight_cache.py) is off in the tests and in the servers they start: a test loads
+# what it names, and nothing is written to the home directory. tests/test_weight_cache.py turns it on in a tmp dir.
+os.environ["EMBED_WEIGHT_CACHE"] = "off"
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 _CORPUS = [
