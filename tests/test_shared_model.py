@@ -231,3 +231,17 @@ def test_a_holder_that_unloaded_when_idle_loads_again_for_a_shared_pass(cpu_env,
         asyncio.run(main())
     finally:
         holder.close()
+
+
+def test_the_budget_counts_the_shared_4b_once(monkeypatch):
+    """Under a GPU budget (embed_ops/profiles.py), a service on another's model reserves nothing: the light
+    profile's GPU holds SigLIP2 and one Qwen3-4B."""
+    from embed_ops.profiles import budget_figures
+
+    for key in ("EMBED_QUANTIZATION", "EMBED_DEVICE", EMBED.model_env, RERANK.model_env):
+        monkeypatch.delenv(key, raising=False)
+    names = ["siglip2_embed", "qwen3_4b_embed", "qwen3_4b_rerank"]
+    monkeypatch.setenv(RERANK.model_host_env, f"http://127.0.0.1:{EMBED.port}")
+    assert [figure.seed_name for figure in budget_figures(names)["0"]] == ["siglip2_embed", "qwen3_4b_embed"]
+    monkeypatch.setenv(RERANK.model_host_env, "")  # two copies: both reserve theirs
+    assert [figure.seed_name for figure in budget_figures(names)["0"]] == names
