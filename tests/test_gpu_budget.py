@@ -318,11 +318,13 @@ def test_a_combination_that_cannot_fit_is_refused_before_anything_starts_with_ea
     for figure in ("siglip2_embed 3.3 GB (none, always loaded", "qwen3_8b_embed 9.0 GB (int8, always loaded"):
         assert figure in high.stderr
     # The user's setting beats the profile's: one 8B service never unloads; the largest other one must fit beside it,
-    # with the CUDA contexts of the four more that unload: 9 + 9 + 4 x 0.5 GB.
-    pinned = plan(tmp_path, "--profile", "all", "--gpu-memory", "19.9GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
+    # with the CUDA contexts of the three more that unload (the 4B reranker runs on the 4B embedder's model and
+    # reserves nothing): 9 + 9 + 3 x 0.5 GB.
+    pinned = plan(tmp_path, "--profile", "all", "--gpu-memory", "19.4GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
     assert pinned.returncode == 2 and "qwen3_8b_embed 9.0 GB (int8, always loaded" in pinned.stderr
-    assert "contexts of the other unloaded ones (2.0 GB) need 20.0 GB" in pinned.stderr
-    fits = plan(tmp_path, "--profile", "all", "--gpu-memory", "20GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
+    assert "contexts of the other unloaded ones (1.5 GB) need 19.5 GB" in pinned.stderr
+    assert "qwen3_4b_rerank" not in pinned.stderr.split("REFUSED")[1]
+    fits = plan(tmp_path, "--profile", "all", "--gpu-memory", "19.5GB", QWEN3_8B_EMBED_IDLE_UNLOAD_SECONDS="0")
     assert fits.returncode == 0, fits.stderr
 
 
