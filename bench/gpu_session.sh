@@ -14,15 +14,16 @@ part() {
     echo "== $* (at most ${limit}s)"
     timeout "$limit" "$@" $smoke 2>&1 | tail -40
 }
-part 170 python bench/gpu_quantization.py --out "$out/gpu_quantization.json"          # issue 17: int8 vs bf16
-part 110 python bench/gpu_throughput.py --final --only bert-large --out "$out/gpu_bert.json"  # issue 13: PackedBert
-part 110 python bench/gpu_siglip.py --images 1024 --out "$out/gpu_siglip.json"           # issue 13: vision tower
+# The limits add up to 580 s, under the device's 600 s per command. Most important first.
 # issue 25: memory per service on the GPU (torch and the driver's view), returned by an idle unload, reloaded from the
 # int8 weight cache; 4 of the 8B shape's 36 layers, int8 and bf16
 part 90 python bench/memory.py --shapes qwen3_8b_embed --layers 4 --modes int8 none --out "$out/gpu_memory.json"
+part 170 python bench/gpu_quantization.py --out "$out/gpu_quantization.json"          # issue 17: int8 vs bf16
+part 100 python bench/gpu_siglip.py --images 1024 --out "$out/gpu_siglip.json"           # issue 13: vision tower
+part 100 python bench/gpu_throughput.py --final --only bert-large --out "$out/gpu_bert.json"  # issue 13: PackedBert
 if [ -z "$smoke" ]; then  # a real CUDA OOM needs a GPU (no smoke mode)
-    timeout 60 python bench/gpu_faults.py --out "$out/gpu_faults.json" 2>&1 | tail -40  # issue 15
+    timeout 50 python bench/gpu_faults.py --out "$out/gpu_faults.json" 2>&1 | tail -40  # issue 15
 fi
 # torchvision's own decode_jpeg behind runners/gpu_decode.py (the README's tests have no torchvision to run it), and
 # the GPU memory budget between two real service processes (issue 25)
-timeout 75 python -m pytest -q -o addopts= -p no:cacheprovider bench/device_checks 2>&1 | tail -20
+timeout 70 python -m pytest -q -o addopts= -p no:cacheprovider bench/device_checks 2>&1 | tail -20
