@@ -173,26 +173,45 @@ def test_the_holders_pass_is_the_pooled_state_or_the_rows_logits(embed_4b, zimag
 
 
 @pytest.mark.serve
-def test_without_its_holder_the_sharing_service_says_so_and_keeps_serving(
-    zimage_root, qwen3_reranker_dir, embed_4b, tmp_path_factory
-):
+def test_without_its_holder_the_sharing_service_says_so_and_keeps_serving(zimage_root, tmp_path_factory):
     """No copy of its own: with nothing at its MODEL_HOST it cannot score, and says where it looked (a 503 with
-    Retry-After, never a 500); pointed at a holder of another checkpoint, it refuses rather than score with it."""
+    Retry-After, never a 500), and keeps answering /health."""
     dead = f"http://127.0.0.1:{free_port()}"
-    logs = tmp_path_factory.mktemp("logs")
     env = {RERANK.model_env: str(zimage_root), "EMBED_QUANTIZATION": "none", RERANK.model_host_env: dead}
-    for served in serve(RERANK.class_name, env, logs / "orphan.log"):
+    for served in serve(RERANK.class_name, env, tmp_path_factory.mktemp("logs") / "orphan.log"):
         response = served.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS[:2]})
         assert response.status_code == 503, response.text
         assert f"the shared model (qwen3_4b_embed at {dead}) is not answering" in response.json()["error"]
         assert response.headers["Retry-After"].isdigit()
         assert served.get("/health").status_code == 200
-    env = {RERANK.model_env: str(qwen3_reranker_dir), "EMBED_QUANTIZATION": "none", RERANK.model_host_env: embed_4b.url}
-    for served in serve(RERANK.class_name, env, logs / "mismatch.log"):
-        response = served.post("/rerank", json={"query": QUERY, "documents": DOCUMENTS[:2]})
-        assert response.status_code == 503, response.text
-        error = response.json()["error"]
-        assert str(zimage_root) in error and str(qwen3_reranker_dir) in error
+
+
+def test_a_holder_of_another_checkpoint_or_quantization_is_refused_not_used():
+    """Pointed by hand at a service holding another checkpoint (or the same one quantized otherwise), the sharing
+    side refuses every pass, naming both, rather than score with another model."""
+    import httpx
+
+    from embed_http.shared_model import SharedModelClient
+
+    passes = []
+
+    def holder(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"model": "/models/other", "quantization": "none"})
+        passes.append(request)
+        return httpx.Response(200, json={"values": [[0.0, 0.0]], "positions": 2})
+
+    for model, quantization in (("/models/mine", "none"), ("/models/other", "int8")):
+        client = SharedModelClient(RERANK, "http://holder", model, quantization)
+        client._client = httpx.Client(base_url="http://holder", transport=httpx.MockTransport(holder))
+        with pytest.raises(Overloaded) as refused:
+            client.run([[1, 2]], "last", [4, 11])
+        assert "'/models/other' (none)" in str(refused.value) and f"{model!r} ({quantization})" in str(refused.value)
+    assert passes == []  # not one pass ran on the wrong model
+    client = SharedModelClient(RERANK, "http://holder", "/models/other", "none")
+    client._client = httpx.Client(base_url="http://holder", transport=httpx.MockTransport(holder))
+    values, positions = client.run([[1, 2]], "last", [4, 11])
+    assert values.tolist() == [[0.0, 0.0]] and positions == 2 and len(passes) == 1
 
 
 def test_the_holders_route_needs_the_key_and_the_sharing_service_sends_it(monkeypatch):
