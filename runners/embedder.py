@@ -297,7 +297,7 @@ class TextEmbedder:
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
         pooled, positions = self.forward.run(batch, self.pooling.name)
         self.batcher.forward_done("text", len(batch), sum(len(ids) for ids in batch), positions)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()  # normalized where the model runs
 
     async def shared_forward(
         self, token_ids: list[list[int]], pooling: str, vocabulary_rows: list[int] | None = None
@@ -309,7 +309,7 @@ class TextEmbedder:
             values, positions = await asyncio.to_thread(self.forward.run, token_ids, pooling, vocabulary_rows)
         except torch.OutOfMemoryError:  # the sharing service cuts its passes to its own budget; this one did not fit
             raise Overloaded("out of device memory for this pass; send fewer or shorter sequences") from None
-        return values.tolist(), positions
+        return values.cpu().tolist(), positions
 
     # -- start-up decisions ------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from embed_core.errors import InputError, ModelLoadError
 from embed_core.table import POOLING_NAMES
 
 from .packed import packed_forward_for, pooled_final_hidden
-from .pooling import Pooling, make_pooling
+from .pooling import make_pooling
 
 LM_HEAD_WEIGHT = "lm_head.weight"  # the name of the output projection in a *ForCausalLM checkpoint
 MAX_VOCABULARY_ROWS = 16  # a pass reads a few rows (a reranker: two); a whole vocabulary is not what this is for
@@ -36,8 +36,8 @@ class ModelForward(Protocol):
     def run(
         self, batch: Sequence[Sequence[int]], pooling: str, vocabulary_rows: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, int]:
-        """[sequences, hidden] pooled states (float32, on the CPU), or [sequences, rows] logits; and the positions
-        computed (for the padding metric)."""
+        """[sequences, hidden] pooled states, or [sequences, rows] logits (float32, on the device the model runs on:
+        the caller moves them); and the positions computed (for the padding metric)."""
         ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -53,7 +53,6 @@ class LocalForward:
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         # Architectures with a padding-free forward (packed sequences) run it; others run padded.
         self.packed = packed_forward_for(model, config, device)
-        self._poolings: dict[str, Pooling] = {}
         self._rows: dict[tuple[int, ...], tuple[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -64,13 +63,13 @@ class LocalForward:
     def run(
         self, batch: Sequence[Sequence[int]], pooling: str, vocabulary_rows: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, int]:
-        rule = self._poolings.get(pooling) or self._poolings.setdefault(pooling, make_pooling(pooling))
+        rule = make_pooling(pooling)
         with self._lock:
             pooled, positions = pooled_final_hidden(self.model, self.packed, rule, batch, self.pad_id, self.device)
             pooled = pooled.float()
             if vocabulary_rows is not None:
                 pooled = pooled @ self.output_rows(vocabulary_rows)[1].T
-        return pooled.cpu(), positions
+        return pooled, positions
 
     def output_rows(self, ids: Sequence[int]) -> tuple[str, torch.Tensor]:
         """Where the rows of the output projection come from ("lm_head", or the tied input embeddings), and the
