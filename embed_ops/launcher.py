@@ -310,11 +310,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         say(*(f"WARNING: {warning}" for warning in memory_warnings(totals, free_gpu_memory())))
 
     for name in names:
-        spec = spec_for(name)
-        try:
-            port = service_port(spec)
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+        spec, port = spec_for(name), ports[name]
         record = read_record(args.run_dir, name)
         if record is not None and is_ours(record):
             say(f"{name} is already running (pid {record.pid}, port {record.port}); leaving it as it is")

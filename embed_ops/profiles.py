@@ -24,6 +24,8 @@ from embed_core.memory import ESTIMATE_NOTE as BUDGET_ESTIMATE_NOTE
 from embed_core.memory import service_figure as budget_figure
 from embed_core.table import SERVICES, ServiceSpec, spec_for
 
+from .sharing import runs_on_another_model
+
 # BYTES_PER_PARAM (runners/gpu_budget.py): bytes per weight, as in the seed's VRAM table (FP16 ~2 bytes, INT8 ~1
 # byte per parameter). An estimate: the quantized modes keep the embeddings and norms in bf16, and activations and
 # the CUDA context come on top; bench/memory.py measures them on a GPU (BENCHMARKS.md: not yet measured).
@@ -156,8 +158,8 @@ def estimate_weights(seed_names: list[str]) -> list[WeightEstimate]:
         quantization = (setting(spec, "QUANTIZATION", spec.default_quantization) or "none").lower()
         device = (setting(spec, "DEVICE", "auto") or "auto").lower()
         gigabytes = spec.params_billion * BYTES_PER_PARAM.get(quantization, BYTES_PER_PARAM["none"])
-        if os.environ.get(spec.model_host_env, "").strip():
-            gigabytes = 0.0  # it runs on another service's copy (embed_ops/sharing.py)
+        if runs_on_another_model(spec):
+            gigabytes = 0.0
         estimates.append(WeightEstimate(seed_name, quantization, _gpu_index(device), gigabytes))
     return estimates
 
@@ -268,7 +270,7 @@ def budget_figures(seed_names: list[str]) -> dict[str, list[Figure]]:
     by_gpu: dict[str, list[Figure]] = {}
     for estimate in estimate_weights(seed_names):
         spec = spec_for(estimate.seed_name)
-        if estimate.device != "cpu" and not os.environ.get(spec.model_host_env, "").strip():  # sharers load nothing
+        if estimate.device != "cpu" and not runs_on_another_model(spec):
             figure = budget_figure(spec.seed_name, estimate.quantization, spec.params_billion)
             by_gpu.setdefault(estimate.device, []).append(figure)
     return by_gpu

@@ -6,10 +6,17 @@ a value the user set, even an empty one, is left as it is, so `QWEN3_4B_RERANK_M
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from embed_core.config import RunnerConfig
-from embed_core.table import spec_for
+from embed_core.table import ServiceSpec, spec_for
+
+
+def runs_on_another_model(spec: ServiceSpec, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this service will run on another service's copy of its model (its `<NAME>_MODEL_HOST` is set), and so
+    holds no weights of its own."""
+    return bool(environ.get(spec.model_host_env, "").strip())
 
 
 def same_weights(first: RunnerConfig, second: RunnerConfig) -> bool:
